@@ -1,0 +1,76 @@
+"""The `evomerge` command line: one subcommand per job, each a thin shell around the library.
+
+Bad input raises ``EvomergeError`` (or a pydantic ``ValidationError``) anywhere below; ``main`` turns it
+into one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from merge_core.errors import EvomergeError
+
+
+def _offline_defaults() -> None:
+    """No model or dataset is fetched unless the user asks for it (set HF_HUB_OFFLINE=0)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from merge_core import load_recipe, merge
+
+    recipe = load_recipe(args.recipe)
+    out = merge(recipe, args.out_dir, device=args.device, dtype=args.dtype, out_shard_size=args.out_shard_size,
+                seed=args.seed, copy_tokenizer=args.copy_tokenizer, force=args.force,
+                allow_pickle=args.allow_pickle, progress=not args.quiet)
+    print(f"merged model written to {out}")
+    return 0
+
+
+def _add_merge(sub) -> None:
+    p = sub.add_parser("merge", help="merge a mergekit YAML recipe to disk")
+    p.add_argument("recipe", help="mergekit-compatible YAML recipe")
+    p.add_argument("out_dir", help="output directory (a Hugging Face checkpoint)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--dtype", default=None, help="compute/output dtype overriding the recipe's (float32, bfloat16, float16)")
+    p.add_argument("--out-shard-size", default="5GB", help="max size of one safetensors shard (default: 5GB)")
+    p.add_argument("--seed", type=int, default=None, help="seed for stochastic methods (dare_*, della*)")
+    p.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,
+                   help="write the tokenizer to the output (default: yes)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read .bin (pickle) checkpoints with torch.load(weights_only=True)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_merge)
+
+
+SUBCOMMANDS = [_add_merge]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evomerge", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _offline_defaults()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except EvomergeError as exc:
+        print(f"evomerge {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"evomerge {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
