@@ -1,0 +1,235 @@
+"""Executing a plan: each output tensor is computed from its sources and handed to a sink.
+
+The same code path serves both uses: streaming to a sharded checkpoint on disk (``merge``) and writing
+into a live model's parameters in place (``merge_into``, the search's materializer).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zlib
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from merge_core import chat_templates
+from merge_core.checkpoint import CheckpointReader, ShardedWriter, atomic_output_dir, parse_size
+from merge_core.errors import EvomergeError
+from merge_core.methods import TensorContext
+from merge_core.plan import MergePlan, Source, TensorJob, plan_merge
+from merge_core.recipe import Recipe
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def resolve_model_path(ref: str, recipe_dir: Path | None = None) -> Path:
+    """A local directory (as given, or relative to the recipe file), else a hub id from the local HF cache."""
+    for candidate in (Path(ref).expanduser(), (recipe_dir / ref) if recipe_dir else None):
+        if candidate is not None and candidate.is_dir():
+            return candidate.resolve()
+    if Path(ref).is_absolute() or ref.startswith((".", "~")) or ref.count("/") != 1:
+        raise EvomergeError(f"model {ref}: no such directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(ref, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model",
+                                                           "*.txt", "*.jinja"]))
+    except Exception as exc:
+        offline = " (offline: set HF_HUB_OFFLINE=0 to download)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+        raise EvomergeError(f"model {ref}: not a local directory and not available from the hub{offline}: "
+                            f"{type(exc).__name__}") from None
+
+
+def open_sources(recipe: Recipe, *, allow_pickle: bool = False, recipe_dir: Path | None = None
+                 ) -> dict[str, CheckpointReader]:
+    return {ref: CheckpointReader(resolve_model_path(ref, recipe_dir), allow_pickle=allow_pickle)
+            for ref in recipe.referenced_models()}
+
+
+def _generator(seed: int | None, name: str, device: str) -> torch.Generator | None:
+    """One generator per tensor, seeded from (seed, name): results do not depend on the order of work."""
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+
+
+def compute_tensor(job: TensorJob, plan: MergePlan, sources: dict[str, Source], *, dtype: torch.dtype | None,
+                   device: str, seed: int | None) -> torch.Tensor:
+    """The merged value of one output tensor, in the compute dtype, checked to be finite."""
+    tensors = [sources[m].get(n, dtype=dtype, device=device) for m, n in zip(job.models, job.tensor_names)]
+    ctx = TensorContext(name=job.name, generator=_generator(seed, job.name, device), is_embedding=job.is_embedding)
+    result = plan.method.fn(tensors, job.base, job.model_params, job.params, ctx)
+    if not torch.isfinite(result).all():
+        raise EvomergeError(f"tensor {job.name}: the merge produced NaN or Inf")
+    return result
+
+
+def run_plan(plan: MergePlan, sources: dict[str, Source], sink: Callable[[TensorJob, torch.Tensor], None], *,
+             dtype: torch.dtype | None, device: str = "cpu", seed: int | None = None,
+             progress: bool = False) -> None:
+    if not progress:
+        for job in plan.jobs:
+            sink(job, compute_tensor(job, plan, sources, dtype=dtype, device=device, seed=seed))
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("[bold]merging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[tensor]}"))
+    with Progress(*columns, transient=True) as bar:
+        task = bar.add_task("merge", total=len(plan.jobs), tensor="")
+        for job in plan.jobs:
+            bar.update(task, tensor=job.name)
+            sink(job, compute_tensor(job, plan, sources, dtype=dtype, device=device, seed=seed))
+            bar.advance(task)
+
+
+def _dtypes(recipe: Recipe, dtype: str | None) -> tuple[torch.dtype | None, torch.dtype | None]:
+    """(compute dtype, output dtype): ``--dtype`` overrides both; ``out_dtype`` defaults to ``dtype``."""
+    if dtype is not None and dtype not in DTYPES:
+        raise EvomergeError(f"--dtype: unknown dtype {dtype!r} (use one of {', '.join(DTYPES)})")
+    compute = DTYPES.get(dtype or recipe.dtype or "")
+    out = DTYPES.get(dtype or recipe.out_dtype or recipe.dtype or "")
+    return compute, out
+
+
+def _check_device(device: str) -> None:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EvomergeError(f"--device {device}: CUDA is not available on this machine")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise EvomergeError(f"--device {device}: use cpu or cuda")
+
+
+def _tokenizer_dir(recipe: Recipe, paths: dict[str, Path], template: str) -> Path:
+    source = recipe.tokenizer.source if recipe.tokenizer else recipe.tokenizer_source
+    if source in (None, "base"):
+        return paths[recipe.base_model or template]
+    if source == "union":
+        files = {ref: (p / "tokenizer.json").read_bytes() for ref, p in paths.items() if (p / "tokenizer.json").is_file()}
+        if len(set(files.values())) > 1:
+            raise EvomergeError("tokenizer_source: union of tokenizers that differ is not supported yet "
+                                "(use base or one model's tokenizer)")
+        return paths[recipe.base_model or template]
+    if source not in paths:
+        raise EvomergeError(f"tokenizer source {source!r} is not one of the recipe's models")
+    return paths[source]
+
+
+def _chat_template(recipe: Recipe, paths: dict[str, Path]) -> str | None:
+    name = recipe.chat_template
+    if not name:
+        return None
+    if name == "auto":
+        found = []
+        for p in paths.values():
+            cfg = p / "tokenizer_config.json"
+            template = json.loads(cfg.read_text()).get("chat_template") if cfg.is_file() else None
+            if (p / "chat_template.jinja").is_file():
+                template = (p / "chat_template.jinja").read_text()
+            if isinstance(template, str):
+                found.append(template)
+        return Counter(found).most_common(1)[0][0] if found else None
+    if name in chat_templates.BUILTIN:
+        return chat_templates.BUILTIN[name]
+    if "{" not in name:
+        raise EvomergeError(f"chat_template: unknown template {name!r} "
+                            f"(use auto, {', '.join(chat_templates.BUILTIN)} or a Jinja template)")
+    return name
+
+
+def write_tokenizer(out: Path, recipe: Recipe, paths: dict[str, Path], template: str) -> None:
+    src = _tokenizer_dir(recipe, paths, template)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, out / name)
+    chat = _chat_template(recipe, paths)
+    if chat is not None:
+        (out / "chat_template.jinja").write_text(chat)
+        cfg_path = out / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        cfg["chat_template"] = chat
+        cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+
+
+def output_config(plan: MergePlan, out_dtype: torch.dtype | None) -> dict[str, Any]:
+    config = dict(plan.config)
+    if out_dtype is not None:
+        name = str(out_dtype).removeprefix("torch.")
+        for key in ("torch_dtype", "dtype"):
+            if key in config or key == "torch_dtype":
+                config[key] = name
+    return config
+
+
+def model_card(recipe: Recipe, seed: int | None) -> str:
+    from importlib.metadata import version
+
+    sources = "\n".join(f"- `{m}`" for m in recipe.referenced_models())
+    seed_line = f"\nSeed for stochastic steps: `{seed}`.\n" if seed is not None else ""
+    return (f"---\ntags: [merge, evomerge]\n---\n# Merged model\n\nMade with evomerge {version('evomerge')} "
+            f"using the **{recipe.merge_method}** method.\n\n## Sources\n\n{sources}\n{seed_line}\n"
+            f"## Recipe\n\n```yaml\n{recipe.to_yaml()}```\n")
+
+
+def merge(recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", dtype: str | None = None,
+          out_shard_size: str | int = "5GB", seed: int | None = None, copy_tokenizer: bool = True,
+          force: bool = False, allow_pickle: bool = False, progress: bool = False,
+          recipe_dir: str | Path | None = None) -> Path:
+    """Merge ``recipe`` into a Hugging Face checkpoint at ``out_dir``, atomically."""
+    _check_device(device)
+    compute_dtype, out_dtype = _dtypes(recipe, dtype)
+    max_shard = parse_size(out_shard_size)
+    out_dir = Path(out_dir)
+    recipe_dir = Path(recipe_dir) if recipe_dir else None
+    if seed is None and recipe_stochastic(recipe):
+        seed = int.from_bytes(os.urandom(4), "little")
+    with atomic_output_dir(out_dir, force=force) as tmp:
+        sources = open_sources(recipe, allow_pickle=allow_pickle, recipe_dir=recipe_dir)
+        plan = plan_merge(recipe, sources)
+        layout = {job.name: (job.shape, out_dtype or sources[job.models[0]].dtype(job.tensor_names[0]))
+                  for job in plan.jobs}
+        writer = ShardedWriter(tmp, layout, max_shard_bytes=max_shard)
+
+        def to_disk(job: TensorJob, tensor: torch.Tensor) -> None:
+            writer.write(job.name, tensor.to(device="cpu", dtype=layout[job.name][1]))
+
+        run_plan(plan, sources, to_disk, dtype=compute_dtype, device=device, seed=seed, progress=progress)
+        writer.close()
+        (tmp / "config.json").write_text(json.dumps(output_config(plan, out_dtype), indent=2))
+        template_dir = sources[plan.template_model].path
+        if (template_dir / "generation_config.json").is_file():
+            shutil.copy2(template_dir / "generation_config.json", tmp / "generation_config.json")
+        if copy_tokenizer:
+            write_tokenizer(tmp, recipe, {ref: s.path for ref, s in sources.items()}, plan.template_model)
+        (tmp / "mergekit_config.yml").write_text(recipe.to_yaml())
+        (tmp / "README.md").write_text(model_card(recipe, seed))
+    return out_dir
+
+
+def recipe_stochastic(recipe: Recipe) -> bool:
+    from merge_core.methods import get_method
+
+    return get_method(recipe.merge_method).stochastic
+
+
+def merge_into(model: torch.nn.Module, recipe: Recipe, sources: dict[str, Source], *, dtype: str | None = None,
+               device: str = "cpu", seed: int | None = None) -> MergePlan:
+    """Materialize ``recipe`` into ``model``'s parameters in place (no checkpoint is written)."""
+    compute_dtype, _ = _dtypes(recipe, dtype)
+    plan = plan_merge(recipe, sources)
+    state = model.state_dict()
+    missing = [job.name for job in plan.jobs if job.name not in state]
+    if missing:
+        raise EvomergeError(f"the live model has no parameter {missing[0]}")
+
+    def into_model(job: TensorJob, tensor: torch.Tensor) -> None:
+        with torch.no_grad():
+            state[job.name].copy_(tensor)
+
+    run_plan(plan, sources, into_model, dtype=compute_dtype, device=device, seed=seed)
+    return plan
