@@ -149,7 +149,17 @@ class _Planner:
         self.jobs.append(TensorJob(out_name, models, names, base_index, model_params, params,
                                    tuple(shapes[0]), is_embedding(out_name)))
 
+    def check_architectures(self) -> None:
+        kinds = {ref: (s.config.get("model_type"), tuple(s.config.get("architectures") or ())) for ref, s in
+                 self.sources.items()}
+        first_ref, first = next(iter(kinds.items()))
+        for ref, kind in kinds.items():
+            if kind != first:
+                raise EvomergeError(f"models have different architectures: {first_ref} is "
+                                    f"{first[1][0] if first[1] else first[0]}, {ref} is {kind[1][0] if kind[1] else kind[0]}")
+
     def plan(self) -> MergePlan:
+        self.check_architectures()
         slices = _normalized_slices(self.recipe, self.sources)
         bases = []
         for i, s in enumerate(slices):

@@ -135,7 +135,7 @@ class Recipe(_Strict):
         return yaml.safe_dump(self.model_dump(exclude_none=True, mode="json"), sort_keys=False)
 
 
-def _describe(err: ValidationError) -> str:
+def describe_validation_error(err: ValidationError) -> str:
     """One line naming the first failing field and its value."""
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("function-", "tagged-union")))
@@ -164,7 +164,7 @@ def load_recipe(source: str | Path | dict[str, Any]) -> Recipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        raise EvomergeError(f"{where}: {_describe(exc)}") from None
+        raise EvomergeError(f"{where}: {describe_validation_error(exc)}") from None
     check_parameters(recipe)
     return recipe
 

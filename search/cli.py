@@ -21,12 +21,14 @@ def _offline_defaults() -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from merge_core import load_recipe, merge
 
     recipe = load_recipe(args.recipe)
     out = merge(recipe, args.out_dir, device=args.device, dtype=args.dtype, out_shard_size=args.out_shard_size,
                 seed=args.seed, copy_tokenizer=args.copy_tokenizer, force=args.force,
-                allow_pickle=args.allow_pickle, progress=not args.quiet)
+                allow_pickle=args.allow_pickle, progress=not args.quiet, recipe_dir=Path(args.recipe).parent)
     print(f"merged model written to {out}")
     return 0
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -113,8 +115,8 @@ def test_llama_float32_equals_mergekit(families, tmp_path, case):
         assert diff <= 1e-6, f"{case}: {name} differs by {diff}"
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
-@pytest.mark.parametrize("case", OTHER_CASES)
+@pytest.mark.parametrize(("arch", "case"), [(a, c) for a in ("qwen2", "gpt2") for c in OTHER_CASES
+                                           if (a, c) != ("qwen2", "passthrough_frankenmerge")])
 def test_other_architectures_equal_mergekit(families, tmp_path, arch, case):
     expected, got = _compare(families, tmp_path, arch, case)
     for name in expected:
@@ -136,3 +138,21 @@ def test_bfloat16_within_one_ulp_of_mergekit(families, tmp_path, case):
     for name in expected:
         assert got[name].dtype == torch.bfloat16
         assert _ulps(got[name], expected[name]) <= 1, f"{case}: {name}"
+
+
+def test_passthrough_keeps_per_layer_config_lists_where_mergekit_fails(families, tmp_path):
+    """Qwen2 configs carry ``layer_types`` (one entry per layer): mergekit 0.1.5 leaves it stale and
+    transformers refuses the config; evomerge slices it along with the layers."""
+    from transformers import AutoModelForCausalLM
+
+    recipe = recipes(families["qwen2"])["passthrough_frankenmerge"]
+    with pytest.raises(Exception, match="layer_types"):
+        run_mergekit(recipe, tmp_path / "mergekit")
+    got = run_evomerge(recipe, tmp_path / "evomerge")
+    source_a, source_b = load_weights(Path(families["qwen2"]["ft1"])), load_weights(Path(families["qwen2"]["ft2"]))
+    for out_layer, (source, layer) in enumerate([(source_a, 0), (source_a, 1), (source_a, 2),
+                                                 (source_b, 1), (source_b, 2), (source_b, 3)]):
+        name = "model.layers.{}.mlp.down_proj.weight"
+        assert torch.equal(got[name.format(out_layer)], source[name.format(layer)])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "evomerge")
+    assert model.config.num_hidden_layers == 6 and len(model.config.layer_types) == 6

@@ -1,0 +1,122 @@
+"""The search config (YAML → pydantic): models, method, search space, tasks, sampler, budget, storage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from merge_core.errors import EvomergeError
+from merge_core.methods import get_method
+from merge_core.recipe import describe_validation_error
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SearchedParameter(_Strict):
+    """Bounds of one merge parameter and how finely it varies across the model.
+
+    ``granularity``: ``global`` (one value), ``groups`` (one value per tensor-name filter group of
+    ``groups``, plus the rest), ``blocks`` (one value per block of ``block_size`` layers) or ``curve``
+    (``points`` control points interpolated over depth, like a mergekit gradient).
+    """
+
+    low: float
+    high: float
+    granularity: Literal["global", "groups", "blocks", "curve"] = "global"
+    points: int = Field(default=3, ge=2, le=16)
+    groups: list[str] = Field(default_factory=lambda: ["self_attn", "mlp"])
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        return self
+
+
+class TaskSpec(_Strict):
+    name: str
+    weight: float = Field(default=1.0, gt=0)
+    metric: str | None = None
+
+
+class SearchConfig(_Strict):
+    """Everything ``evomerge search`` needs; see the README's search config reference."""
+
+    name: str = "search"
+    base_model: str
+    models: list[str] = Field(min_length=1)
+    method: str = "ties"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    parameters: dict[str, SearchedParameter] = Field(default_factory=dict)
+    fixed: dict[str, float | bool | str] = Field(default_factory=dict)
+    block_size: int = Field(default=4, ge=1)
+    tasks: list[TaskSpec] = Field(min_length=1)
+    include_path: str | None = "configs/tasks"
+    limit: int | None = Field(default=None, ge=1)
+    num_fewshot: int | None = Field(default=None, ge=0)
+    batch_size: int = Field(default=64, ge=1)
+    sampler: Literal["cmaes", "tpe", "random"] = "cmaes"
+    n_trials: int | None = Field(default=60, ge=1)
+    timeout: float | None = Field(default=None, gt=0)
+    seed: int = 0
+    storage: str | None = None
+    study_name: str | None = None
+    output_dir: str | None = None
+    device: str = "cpu"
+    perplexity_file: str | None = None
+
+    @model_validator(mode="after")
+    def _budget(self):
+        if self.n_trials is None and self.timeout is None:
+            raise ValueError("give n_trials, timeout or both")
+        if len(set(self.models)) != len(self.models):
+            raise ValueError("models: a model is listed twice")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir or f"results/{self.name}")
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{(self.run_dir / 'study.db').as_posix()}"
+
+    @property
+    def study(self) -> str:
+        return self.study_name or self.name
+
+
+def check_method_parameters(config: SearchConfig) -> None:
+    """Searched and fixed parameters must be parameters of the method (per-model or global)."""
+    method = get_method(config.method)
+    known = {**method.model_params, **method.params}
+    for where, names in (("parameters", config.parameters), ("fixed", config.fixed)):
+        for name in names:
+            if name not in known:
+                raise EvomergeError(f"{where}.{name}: {config.method} has no parameter {name!r} "
+                                    f"(it has: {', '.join(sorted(known))})")
+    if not config.parameters:
+        raise EvomergeError("parameters: nothing to search (give at least one parameter with low/high)")
+
+
+def load_search_config(path: str | Path) -> SearchConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise EvomergeError(f"search config not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise EvomergeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise EvomergeError(f"{path}: expected a mapping of search settings")
+    try:
+        config = SearchConfig.model_validate(data)
+    except ValidationError as exc:
+        raise EvomergeError(f"{path}: {describe_validation_error(exc)}") from None
+    check_method_parameters(config)
+    return config

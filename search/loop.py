@@ -1,0 +1,293 @@
+"""The search loop: Optuna ask/tell over recipes materialized in memory into one live model.
+
+Recipe (from the sampler's point) → ``merge_into`` writes the tensors into the live model → the evaluator
+returns ``Scores`` → their weighted average is told to Optuna. Sources are read once; nothing is written
+to disk per trial. The study lives in an RDB storage (SQLite by default, PostgreSQL for several
+workers), so a search resumes after a crash and several processes can share one study.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.storages import RDBStorage, RetryFailedTrialCallback
+from optuna.storages._heartbeat import get_heartbeat_thread
+from optuna.trial import TrialState
+
+from merge_core.architecture import count_layers
+from merge_core.checkpoint import CheckpointReader
+from merge_core.engine import merge_into, resolve_model_path
+from merge_core.errors import EvomergeError
+from merge_core.memory import TensorSource
+from merge_core.recipe import load_recipe
+from search.config import SearchConfig
+from search.space import Dimension, build_recipe, dimensions, handwritten_point, model_labels
+
+HEARTBEAT_SECONDS = 10
+GRACE_SECONDS = 40
+MAX_RETRY = 2
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def open_storage(config: SearchConfig) -> RDBStorage:
+    """An RDB storage with heartbeats, so trials of a killed worker are failed and retried."""
+    if config.storage is None:
+        config.run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return RDBStorage(config.storage_url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+                          failed_trial_callback=RetryFailedTrialCallback(max_retry=MAX_RETRY))
+    except Exception as exc:
+        raise EvomergeError(f"storage {config.storage_url}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+
+
+def make_sampler(config: SearchConfig, x0: dict[str, float]) -> optuna.samplers.BaseSampler:
+    if config.sampler == "cmaes":
+        return optuna.samplers.CmaEsSampler(x0=x0, seed=config.seed, warn_independent_sampling=False)
+    if config.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=config.seed, multivariate=True)
+    return optuna.samplers.RandomSampler(seed=config.seed)
+
+
+def _worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fail_orphaned_trials(study: optuna.Study) -> None:
+    """Fail (and so retry) RUNNING trials of dead workers on this host at once, without waiting for the
+    heartbeat grace period; trials of other hosts are left to Optuna's stale-heartbeat check."""
+    host = socket.gethostname()
+    storage = study._storage
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get("worker", "")
+        worker_host, _, pid = worker.rpartition(":")
+        if worker_host == host and pid.isdigit() and not _alive(int(pid)):
+            if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                storage.set_trial_user_attr(trial._trial_id, "fail_reason", f"worker {worker} died")
+                RetryFailedTrialCallback(max_retry=MAX_RETRY)(study, study._storage.get_trial(trial._trial_id))
+    optuna.storages.fail_stale_trials(study)
+
+
+def budget_left(study: optuna.Study, config: SearchConfig, started: float) -> bool:
+    if config.timeout is not None and time.monotonic() - started >= config.timeout:
+        return False
+    if config.n_trials is None:
+        return True
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+    return len(done) < config.n_trials
+
+
+@dataclass
+class Workbench:
+    """Everything loaded once per search: sources in memory, the live model, its tokenizer, the evaluator."""
+
+    config: SearchConfig
+    paths: dict[str, str]
+    sources: dict[str, TensorSource]
+    model: Any
+    tokenizer: Any
+    evaluator: Any
+    num_layers: int
+    dims: list[Dimension] = field(default_factory=list)
+
+    def recipe(self, values: dict[str, float], *, portable: bool = False) -> dict[str, Any]:
+        return build_recipe(self.config, self.dims, values, self.num_layers, self.paths if portable else None)
+
+    def materialize(self, recipe: dict[str, Any]) -> None:
+        merge_into(self.model, load_recipe(recipe), self.sources, device=self.config.device)
+
+    def load_source(self, ref: str) -> None:
+        """Put one source model's own weights into the live model (for baselines)."""
+        state = self.model.state_dict()
+        with torch.no_grad():
+            for name, tensor in state.items():
+                source = self.sources[ref]
+                if source.has(name):
+                    tensor.copy_(source.get(name))
+
+
+def resolve_paths(config: SearchConfig, config_dir: Path | None) -> dict[str, str]:
+    return {ref: str(resolve_model_path(ref, config_dir)) for ref in [config.base_model, *config.models]}
+
+
+def build_evaluator(config: SearchConfig, split: str = "search"):
+    from evaluators import LmEvalEvaluator
+
+    return LmEvalEvaluator([t.name for t in config.tasks], include_path=config.include_path, split=split,
+                           limit=config.limit, num_fewshot=config.num_fewshot, batch_size=config.batch_size,
+                           device=config.device)
+
+
+def open_workbench(config: SearchConfig, config_dir: Path | None = None, evaluator=None) -> Workbench:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    paths = resolve_paths(config, config_dir)
+    dtype = DTYPES[config.dtype]
+    readers = {ref: CheckpointReader(path) for ref, path in paths.items()}
+    base = readers[config.base_model]
+    num_layers = count_layers(base.names, base.config, config.base_model)
+    sources = {ref: TensorSource.load(r, dtype=dtype, device=config.device) for ref, r in readers.items()}
+    model = AutoModelForCausalLM.from_pretrained(paths[config.base_model], dtype=dtype).to(config.device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(paths[config.base_model])
+    bench = Workbench(config, paths, sources, model, tokenizer, evaluator or build_evaluator(config), num_layers)
+    bench.dims = dimensions(config, num_layers)
+    return bench
+
+
+def objective_of(scores, config: SearchConfig) -> float:
+    from evaluators import weighted_average
+
+    return weighted_average(scores, {t.name: t.weight for t in config.tasks},
+                            {t.name: t.metric for t in config.tasks if t.metric})
+
+
+def score_baselines(study: optuna.Study, bench: Workbench) -> dict[str, Any]:
+    """Score the base and every source once per study, with the settings every trial gets."""
+    baselines = dict(study.user_attrs.get("baselines", {}))
+    labels = model_labels([bench.config.base_model, *bench.config.models])
+    for ref in [bench.config.base_model, *bench.config.models]:
+        label = labels[ref]
+        if label in baselines:
+            continue
+        bench.load_source(ref)
+        scores = bench.evaluator.score(bench.model, bench.tokenizer)
+        baselines[label] = {"model": bench.paths[ref], "is_base": ref == bench.config.base_model,
+                            "objective": objective_of(scores, bench.config), "scores": scores.to_dict()}
+        study.set_user_attr("baselines", baselines)
+    return baselines
+
+
+class _StopFlag:
+    """First Ctrl-C: finish the current trial, then stop. Second Ctrl-C: stop now."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after the current trial (Ctrl-C again to stop now)", flush=True)
+
+
+def run_trial(study: optuna.Study, bench: Workbench) -> optuna.trial.FrozenTrial:
+    trial = study.ask()
+    trial.set_user_attr("worker", _worker_id())
+    with get_heartbeat_thread(trial._trial_id, study._storage):
+        try:
+            values = {d.key: trial.suggest_float(d.key, d.low, d.high) for d in bench.dims}
+            recipe = bench.recipe(values)
+            trial.set_user_attr("recipe", bench.recipe(values, portable=True))
+            started = time.perf_counter()
+            bench.materialize(recipe)
+            merged = time.perf_counter()
+            scores = bench.evaluator.score(bench.model, bench.tokenizer)
+            value = objective_of(scores, bench.config)
+            trial.set_user_attr("scores", scores.to_dict())
+            trial.set_user_attr("materialize_seconds", merged - started)
+            trial.set_user_attr("eval_seconds", time.perf_counter() - merged)
+            if value != value:
+                raise EvomergeError("the objective is NaN")
+            study.tell(trial, value)
+        except KeyboardInterrupt:
+            trial.set_user_attr("fail_reason", "interrupted")
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        except (Exception, MemoryError) as exc:
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            trial.set_user_attr("fail_reason", reason)
+            study.tell(trial, state=TrialState.FAIL)
+    return study._storage.get_trial(trial._trial_id)
+
+
+def create_study(config: SearchConfig, bench: Workbench) -> optuna.Study:
+    storage = open_storage(config)
+    x0 = handwritten_point(config, bench.dims)
+    study = optuna.create_study(study_name=config.study, storage=storage, direction="maximize",
+                                sampler=make_sampler(config, x0), load_if_exists=True)
+    if "config" not in study.user_attrs:
+        study.set_user_attr("config", json.loads(config.model_dump_json()))
+        study.set_user_attr("evomerge_version", _version())
+        study.enqueue_trial(x0, user_attrs={"handwritten": True}, skip_if_exists=True)
+    return study
+
+
+def _version() -> str:
+    from importlib.metadata import version
+
+    return version("evomerge")
+
+
+def search(config: SearchConfig, *, config_dir: Path | None = None, evaluator=None, progress: bool = True,
+           on_trial=None) -> optuna.Study:
+    """Run (or resume) the study until its budget is spent or the user stops it."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    bench = open_workbench(config, config_dir, evaluator)
+    study = create_study(config, bench)
+    fail_orphaned_trials(study)
+    baselines = score_baselines(study, bench)
+    stop = _StopFlag()
+    previous = signal.signal(signal.SIGINT, stop)
+    started = time.monotonic()
+    try:
+        with _progress(progress, config, baselines) as report:
+            while not stop.requested and budget_left(study, config, started):
+                frozen = run_trial(study, bench)
+                report(study, frozen)
+                if on_trial:
+                    on_trial(study, frozen)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return study
+
+
+class _progress:
+    """A rich progress bar: trials done, best so far, and the source baselines to beat."""
+
+    def __init__(self, enabled: bool, config: SearchConfig, baselines: dict[str, Any]):
+        self.enabled = enabled
+        self.config = config
+        best_source = max((b["objective"] for b in baselines.values()), default=float("nan"))
+        self.baseline_text = f"best source {best_source:.3f}"
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda study, frozen: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("[bold]search"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            TextColumn("{task.fields[status]}"))
+        self.bar.__enter__()
+        total = self.config.n_trials
+        self.task = self.bar.add_task("search", total=total, status=self.baseline_text)
+        return self.update
+
+    def update(self, study: optuna.Study, frozen) -> None:
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        best = max((t.value for t in complete), default=float("nan"))
+        last = f"trial {frozen.number}: " + (f"{frozen.value:.3f}" if frozen.state == TrialState.COMPLETE
+                                             else f"failed ({frozen.user_attrs.get('fail_reason', '?')})")
+        self.bar.update(self.task, completed=len(complete), status=f"best {best:.3f} · {self.baseline_text} · {last}")
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.bar.__exit__(*exc)
+        return False

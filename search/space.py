@@ -1,0 +1,130 @@
+"""The search space: Optuna dimensions ↔ mergekit recipes.
+
+Each searched parameter becomes one or more float dimensions, one per (model, group | block | control
+point). ``build_recipe`` turns one point of the space into a plain mergekit recipe dict, so every
+candidate the search scores is a recipe a user can merge or hand to mergekit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from merge_core.methods import REQUIRED, get_method
+from search.config import SearchConfig
+
+HANDWRITTEN = {"density": 0.5, "t": 0.5}
+
+
+@dataclass(frozen=True)
+class Dimension:
+    key: str
+    param: str
+    model: str | None
+    group: str | None
+    block: int | None
+    point: int | None
+    low: float
+    high: float
+
+
+def model_labels(models: list[str]) -> dict[str, str]:
+    """Short unique labels (directory names) for parameter keys and tables."""
+    labels: dict[str, str] = {}
+    for ref in models:
+        label = Path(ref).name or ref
+        while label in labels.values():
+            label += "_"
+        labels[ref] = label
+    return labels
+
+
+def dimensions(config: SearchConfig, num_layers: int) -> list[Dimension]:
+    method = get_method(config.method)
+    labels = model_labels(config.models)
+    dims = []
+    for param, spec in config.parameters.items():
+        owners = config.models if param in method.model_params else [None]
+        for model in owners:
+            stem = f"{param}[{labels[model]}]" if model else param
+            if spec.granularity == "global":
+                parts = [(stem, None, None, None)]
+            elif spec.granularity == "groups":
+                parts = [(f"{stem}.{g}", g, None, None) for g in [*spec.groups, "rest"]]
+            elif spec.granularity == "blocks":
+                parts = [(f"{stem}.b{b}", None, b, None) for b in range(math.ceil(num_layers / config.block_size))]
+            else:
+                parts = [(f"{stem}.p{p}", None, None, p) for p in range(spec.points)]
+            dims += [Dimension(key, param, model, g, b, p, spec.low, spec.high) for key, g, b, p in parts]
+    return dims
+
+
+def handwritten_point(config: SearchConfig, dims: list[Dimension]) -> dict[str, float]:
+    """What a user would write by hand: equal weights, density 0.5, t 0.5, other defaults; clipped to bounds."""
+    method = get_method(config.method)
+    point = {}
+    for d in dims:
+        default = {**method.model_params, **method.params}.get(d.param)
+        if d.param == "weight":
+            value = 1.0 / len(config.models)
+        elif d.param in HANDWRITTEN:
+            value = HANDWRITTEN[d.param]
+        elif isinstance(default, (int, float)) and not isinstance(default, bool) and default is not REQUIRED:
+            value = float(default)
+        else:
+            value = (d.low + d.high) / 2
+        point[d.key] = min(max(value, d.low), d.high)
+    return point
+
+
+def _setting(config: SearchConfig, dims: list[Dimension], values: dict[str, float], block: int | None) -> Any:
+    """The recipe value of one (param, model) from its dimensions, for one block in blocks mode."""
+    spec = config.parameters[dims[0].param]
+    if spec.granularity == "global":
+        return values[dims[0].key]
+    if spec.granularity == "blocks":
+        return values[next(d.key for d in dims if d.block == block)]
+    if spec.granularity == "curve":
+        return [values[d.key] for d in sorted(dims, key=lambda d: d.point)]
+    conditions = [{"filter": d.group, "value": values[d.key]} for d in dims if d.group != "rest"]
+    return conditions + [{"value": values[next(d.key for d in dims if d.group == "rest")]}]
+
+
+def build_recipe(config: SearchConfig, dims: list[Dimension], values: dict[str, float], num_layers: int,
+                 paths: dict[str, str] | None = None) -> dict[str, Any]:
+    """A mergekit recipe for one point of the space; ``paths`` maps model refs to the paths to write."""
+    method = get_method(config.method)
+    paths = paths or {}
+    ref = lambda m: paths.get(m, m)  # noqa: E731
+    by_owner: dict[tuple[str, str | None], list[Dimension]] = {}
+    for d in dims:
+        by_owner.setdefault((d.param, d.model), []).append(d)
+    blocked = any(config.parameters[p].granularity == "blocks" for p in config.parameters)
+    inputs = ([config.base_model] if method.requires_base else []) + config.models
+
+    def params_of(model: str | None, block: int | None) -> dict[str, Any]:
+        out = {param: _setting(config, ds, values, block) for (param, owner), ds in by_owner.items()
+               if owner == model}
+        if model is None:
+            out.update(config.fixed)
+        return out
+
+    recipe: dict[str, Any] = {"merge_method": config.method, "dtype": config.dtype}
+    if method.requires_base:
+        recipe["base_model"] = ref(config.base_model)
+    if not blocked:
+        recipe["models"] = [{"model": ref(m), **({"parameters": p} if (p := params_of(m, None)) else {})}
+                            for m in inputs]
+        if shared := params_of(None, None):
+            recipe["parameters"] = shared
+        return recipe
+    slices = []
+    for block in range(math.ceil(num_layers / config.block_size)):
+        layer_range = [block * config.block_size, min(num_layers, (block + 1) * config.block_size)]
+        sources = [{"model": ref(m), "layer_range": layer_range,
+                    **({"parameters": p} if (p := params_of(m, block)) else {})} for m in inputs]
+        slices.append({"sources": sources, **({"parameters": s} if (s := params_of(None, block)) else {})})
+    recipe["slices"] = slices
+    return recipe
