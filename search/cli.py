@@ -50,7 +50,29 @@ def _add_merge(sub) -> None:
     p.set_defaults(func=cmd_merge)
 
 
-SUBCOMMANDS = [_add_merge]
+def _add_eval(sub) -> None:
+    from evaluators.command import run_eval
+    from evaluators.tasks import DEFAULT_INCLUDE_PATH
+
+    p = sub.add_parser("eval", help="score a model directory on lm-eval tasks and/or held-out perplexity")
+    p.add_argument("model_dir", help="Hugging Face model directory (config, weights and tokenizer)")
+    p.add_argument("--tasks", default=None, help="comma-separated task names (project tasks or standard lm-eval ones)")
+    p.add_argument("--include-path", default=str(DEFAULT_INCLUDE_PATH),
+                   help="directory of task YAMLs (default: the project's configs/tasks)")
+    p.add_argument("--split", choices=["search", "test", "default"], default="search",
+                   help="data split scored (default: search; 'default' = each task's own test split)")
+    p.add_argument("--limit", type=float, default=None,
+                   help="score only the first N items of each task (below 1: a fraction)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's own)")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size (default: 32)")
+    p.add_argument("--apply-chat-template", action="store_true", help="wrap prompts in the tokenizer's chat template")
+    p.add_argument("--perplexity", default=None, metavar="FILE", help="also score perplexity of this text file")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--output", default=None, help="write the scores (with per-sample values) to this JSON file")
+    p.set_defaults(func=run_eval)
+
+
+SUBCOMMANDS = [_add_merge, _add_eval]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,53 @@
+"""``evomerge eval``: score one model directory, print a table, optionally write the ``Scores`` JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from evaluators.base import Scores
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from evaluators.lm_eval_evaluator import LmEvalEvaluator
+    from evaluators.loading import load_model
+    from evaluators.perplexity import PerplexityEvaluator
+
+    evaluators = []
+    if args.tasks:
+        evaluators.append(LmEvalEvaluator(args.tasks, include_path=args.include_path,
+                                          split=None if args.split == "default" else args.split, limit=args.limit,
+                                          num_fewshot=args.num_fewshot, batch_size=args.batch_size,
+                                          apply_chat_template=args.apply_chat_template, device=args.device))
+    if args.perplexity:
+        evaluators.append(PerplexityEvaluator(args.perplexity, device=args.device))
+    if not evaluators:
+        from merge_core.errors import EvomergeError
+
+        raise EvomergeError("nothing to score: give --tasks and/or --perplexity")
+    model, tokenizer = load_model(args.model_dir, device=args.device)
+    scores = Scores(tasks={})
+    for evaluator in evaluators:
+        scores = scores.merged(evaluator.score(model, tokenizer))
+    print_scores(scores, title=f"{args.model_dir} ({args.split} split)")
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(scores.to_dict(), indent=1) + "\n")
+        print(f"scores written to {args.output}")
+    return 0
+
+
+def print_scores(scores: Scores, title: str = "") -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title or None)
+    for column in ("task", "metric", "value", "better", "n"):
+        table.add_column(column, justify="right" if column in ("value", "n") else "left")
+    for name, task in scores.tasks.items():
+        for i, (metric, value) in enumerate(task.metrics.items()):
+            table.add_row(name if i == 0 else "", metric, f"{value:.4f}",
+                          "higher" if task.higher_is_better[metric] else "lower", str(task.n) if i == 0 else "")
+    Console().print(table)
+    print(f"scored in {scores.seconds:.2f} s")

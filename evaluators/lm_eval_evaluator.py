@@ -1,0 +1,254 @@
+"""Score a live (in-place modified) model on lm-eval tasks, hundreds of times per search, without rebuilding.
+
+``lm_eval.simple_evaluate`` rebuilds tasks, prompts and requests on every call and can only skip that through
+an on-disk request cache; its response cache (``use_cache``) would return stale scores once weights change.
+Here the expensive, weight-independent part runs once — task building, few-shot prompts, request objects and
+their tokenization — and each ``score`` call only runs the model through lm-eval's ``HFLM`` and lets lm-eval's
+filters, ``process_results`` and aggregations turn the responses into metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import numbers
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from merge_core.errors import EvomergeError
+
+from evaluators.base import Scores, TaskScore
+from evaluators.loading import ensure_on_device
+from evaluators.tasks import DEFAULT_INCLUDE_PATH, build_tasks, cache_prompt_templates, quiet_lm_eval
+
+SPLITS = ("search", "test")
+FEWSHOT_SEED = 1234  # lm-eval's default few-shot seed, so prompts match a plain lm-eval run
+SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "num_beams")
+
+
+def offline_defaults() -> None:
+    """No model or dataset is fetched unless the caller opted in (HF_HUB_OFFLINE=0)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _live_hflm_class():
+    """``HFLM`` that memoizes tokenization (prompts never change between candidates) and decodes greedily
+    with one fixed generation config, whatever ``generation_config.json`` each model came with."""
+    from lm_eval.models.huggingface import HFLM
+    from transformers import GenerationConfig
+
+    class LiveHFLM(HFLM):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._encoded: dict[tuple, list[int]] = {}
+            self._batch_encoded: dict[tuple, tuple] = {}
+            self._greedy = GenerationConfig(do_sample=False, num_beams=1,
+                                            eos_token_id=self.tokenizer.eos_token_id,
+                                            pad_token_id=self.tokenizer.pad_token_id,
+                                            bos_token_id=self.tokenizer.bos_token_id)
+
+        def tok_encode(self, string: str, add_special_tokens: bool | None = None,
+                       left_truncate_len: int | None = None, **kwargs: Any) -> list[int]:
+            key = (string, add_special_tokens, left_truncate_len)
+            if key not in self._encoded:
+                self._encoded[key] = super().tok_encode(string, add_special_tokens, left_truncate_len, **kwargs)
+            return list(self._encoded[key])
+
+        def tok_batch_encode(self, strings: list[str], padding_side: str = "left",
+                             left_truncate_len: int | None = None, truncation: bool = False):
+            key = (tuple(strings), padding_side, left_truncate_len, truncation)
+            if key not in self._batch_encoded:
+                self._batch_encoded[key] = super().tok_batch_encode(strings, padding_side, left_truncate_len,
+                                                                    truncation)
+            return self._batch_encoded[key]
+
+        def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
+            for key in SAMPLING_KEYS:
+                generation_kwargs.pop(key, None)
+            own_config = self.model.generation_config
+            self.model.generation_config = self._greedy
+            try:
+                return super()._model_generate(context, max_length, stop, do_sample=False, **generation_kwargs)
+            finally:
+                self.model.generation_config = own_config
+
+    return LiveHFLM
+
+
+@dataclass
+class _Requests:
+    """The weight-independent work for one tokenizer: request objects per type, documents per task."""
+
+    tokenizer: Any
+    by_type: dict[str, list]
+    docs: dict[str, list[tuple[int, dict, list]]]  # task → (doc_id, doc, its instances in order)
+
+
+class LmEvalEvaluator:
+    """lm-eval tasks scored on a live model object; build once, call ``score`` per candidate.
+
+    ``split`` picks the data split scored (``search`` during the search, ``test`` for the final report);
+    ``None`` scores each task's own ``test_split`` (for standard lm-eval tasks). ``metrics`` maps a task to the
+    metrics to report, the first being the primary one; by default every metric the task produces, in the
+    task's order. Generation is always greedy with the same settings for every model; ``gen_kwargs`` may change
+    ``max_gen_toks`` or ``until`` but not sampling.
+    """
+
+    def __init__(self, tasks: list[str] | str, *, include_path: str | Path | None = None, split: str | None = "search",
+                 limit: int | float | None = None, num_fewshot: int | None = None, batch_size: int = 32,
+                 apply_chat_template: bool = False, device: str = "cpu", gen_kwargs: dict[str, Any] | None = None,
+                 metrics: dict[str, list[str]] | None = None) -> None:
+        offline_defaults()
+        quiet_lm_eval()
+        cache_prompt_templates()
+        names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
+        if not names or not all(names):
+            raise EvomergeError(f"no task names given: {tasks!r}")
+        if split is not None and split not in SPLITS:
+            raise EvomergeError(f"split must be one of {', '.join(SPLITS)} or None, got {split!r}")
+        if batch_size < 1:
+            raise EvomergeError(f"batch_size must be >= 1, got {batch_size}")
+        include = Path(include_path) if include_path is not None else DEFAULT_INCLUDE_PATH
+        if include_path is not None and not include.is_dir():
+            raise EvomergeError(f"task include path {include} is not a directory")
+        self.split = split
+        self.limit = limit
+        self.batch_size = batch_size
+        self.apply_chat_template = apply_chat_template
+        self.device = device
+        self._tasks = build_tasks(names, include if include.is_dir() else None, split)
+        self._configure(num_fewshot, gen_kwargs)
+        self._metrics = self._select_metrics(metrics or {})
+        self._lm = None
+        self._requests: _Requests | None = None
+
+    @property
+    def tasks(self) -> dict[str, Any]:
+        """The lm-eval ``Task`` objects, by name (groups expanded)."""
+        return dict(self._tasks)
+
+    def _configure(self, num_fewshot: int | None, gen_kwargs: dict[str, Any] | None) -> None:
+        """The overrides ``simple_evaluate`` applies, applied once."""
+        gen_kwargs = dict(gen_kwargs or {})
+        if gen_kwargs.get("do_sample") or gen_kwargs.get("num_beams", 1) != 1:
+            raise EvomergeError("generation is greedy for every model scored; do_sample/num_beams cannot be set")
+        for task in self._tasks.values():
+            if task.get_config("output_type") == "generate_until":
+                generation = dict(task.get_config("generation_kwargs") or {})
+                generation.update(gen_kwargs)
+                generation["do_sample"] = False
+                for key in ("temperature", "top_p", "top_k"):
+                    generation.pop(key, None)
+                task.set_config("generation_kwargs", generation)
+            if num_fewshot is not None and task.get_config("num_fewshot") != 0:
+                task.set_config("num_fewshot", num_fewshot)
+            elif task.get_config("num_fewshot") is None:
+                task.set_config("num_fewshot", 0)
+            task.set_fewshot_seed(seed=FEWSHOT_SEED)
+
+    def _select_metrics(self, wanted: dict[str, list[str]]) -> dict[str, list[str]]:
+        unknown = [task for task in wanted if task not in self._tasks]
+        if unknown:
+            raise EvomergeError(f"metrics given for tasks not evaluated: {', '.join(unknown)}")
+        selected = {}
+        for name, task in self._tasks.items():
+            produced = self._metric_names(task)
+            chosen = list(wanted.get(name) or produced)
+            missing = [m for m in chosen if m not in produced]
+            if missing:
+                raise EvomergeError(f"task {name!r} does not produce metric {', '.join(missing)} "
+                                    f"(it produces: {', '.join(produced)})")
+            selected[name] = chosen
+        return selected
+
+    @staticmethod
+    def _metric_names(task: Any) -> list[str]:
+        filters = [f.name for f in task._filters]
+        metrics = list(task.higher_is_better())
+        return metrics if len(filters) == 1 else [f"{m},{f}" for f in filters for m in metrics]
+
+    def score(self, model: Any, tokenizer: Any) -> Scores:
+        """Score ``model`` as its weights are now; safe to call again after changing them in place."""
+        import torch
+
+        start = time.perf_counter()
+        lm = self._lm_for(model, tokenizer)
+        requests = self._requests_for(lm, tokenizer)
+        for instances in requests.by_type.values():
+            for instance in instances:
+                instance.resps.clear()
+                instance.filtered_resps.clear()
+        with torch.inference_mode():
+            for request_type, instances in requests.by_type.items():
+                repeated = [inst for inst in instances for _ in range(inst.repeats)]
+                for inst, response in zip(repeated, getattr(lm, request_type)(repeated, disable_tqdm=True),
+                                          strict=True):
+                    inst.resps.append(response)
+        tasks = {name: self._task_score(name, requests.docs[name]) for name in self._tasks}
+        return Scores(tasks=tasks, seconds=time.perf_counter() - start)
+
+    def _lm_for(self, model: Any, tokenizer: Any):
+        ensure_on_device(model, self.device)
+        if self._lm is not None and self._lm.model is model and self._lm.tokenizer is tokenizer:
+            return self._lm
+        self._lm = _live_hflm_class()(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size)
+        return self._lm
+
+    def _requests_for(self, lm: Any, tokenizer: Any) -> _Requests:
+        """Prompts, few-shot contexts and request objects: built once per tokenizer (chat templates use it)."""
+        from lm_eval.evaluator_utils import get_sample_size
+
+        if self._requests is not None and self._requests.tokenizer is tokenizer:
+            return self._requests
+        by_type: dict[str, list] = defaultdict(list)
+        docs = {}
+        for name, task in self._tasks.items():
+            limit = get_sample_size(task, self.limit)
+            with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):  # lm-eval's tqdm bar
+                task.build_all_requests(limit=limit, rank=0, world_size=1, cache_requests=False,
+                                        apply_chat_template=self.apply_chat_template,
+                                        fewshot_as_multiturn=self.apply_chat_template,
+                                        chat_template=lm.apply_chat_template if self.apply_chat_template else None,
+                                        tokenizer_name=lm.tokenizer_name if self.apply_chat_template else "")
+            per_doc = defaultdict(list)
+            for instance in task.instances:
+                by_type[instance.request_type].append(instance)
+                per_doc[instance.doc_id].append(instance)
+            docs[name] = [(doc_id, doc, sorted(per_doc[doc_id], key=lambda inst: inst.idx))
+                          for doc_id, doc in task.doc_iterator(rank=0, limit=limit, world_size=1)]
+        self._requests = _Requests(tokenizer=tokenizer, by_type=dict(by_type), docs=docs)
+        return self._requests
+
+    def _task_score(self, name: str, docs: list[tuple[int, dict, list]]) -> TaskScore:
+        """lm-eval's filters, per-document ``process_results`` and aggregations, per-document values kept."""
+        from lm_eval.api.metrics import mean
+        from lm_eval.api.registry import is_higher_better
+
+        task = self._tasks[name]
+        task.apply_filters()
+        filters = [f.name for f in task._filters]
+        per_doc: dict[str, list] = defaultdict(list)
+        for filter_name in filters:
+            for _, doc, instances in docs:
+                results = task.process_results(doc, [inst.filtered_resps[filter_name] for inst in instances])
+                for metric, value in results.items():
+                    per_doc[metric if len(filters) == 1 else f"{metric},{filter_name}"].append(value)
+        aggregations = task.aggregation()
+        directions = task.higher_is_better()
+        metrics, higher, samples = {}, {}, {}
+        for key in self._metrics[name]:
+            metric = key.split(",")[0]
+            if key not in per_doc:
+                raise EvomergeError(f"task {name!r} produced no {key!r} values (got: {', '.join(per_doc)})")
+            values = per_doc[key]
+            metrics[key] = float(aggregations.get(metric, mean)(values))
+            direction = directions.get(metric)
+            higher[key] = bool(is_higher_better(metric) if direction is None else direction)
+            if all(isinstance(v, (numbers.Real, bool)) for v in values):
+                samples[key] = [float(v) for v in values]
+        return TaskScore(metrics=metrics, higher_is_better=higher, samples=samples, n=len(docs))
