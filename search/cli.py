@@ -50,6 +50,82 @@ def _add_merge(sub) -> None:
     p.set_defaults(func=cmd_merge)
 
 
+def _search_config(args: argparse.Namespace):
+    from pathlib import Path
+
+    from search.config import load_search_config
+
+    config = load_search_config(args.config)
+    overrides = {k: v for k, v in {"storage": args.storage, "n_trials": args.n_trials, "timeout": args.timeout,
+                                   "device": args.device, "study_name": args.study_name}.items() if v is not None}
+    return config.model_copy(update=overrides), Path(args.config).parent
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from search.loop import search
+
+    config, config_dir = _search_config(args)
+    study = search(config, config_dir=config_dir, progress=not args.quiet)
+    _print_outcome(study)
+    if not args.no_report:
+        from search.report import write_report
+
+        print(f"report: {write_report(config.run_dir, storage=config.storage_url, study_name=config.study)}")
+    return 0
+
+
+def _print_outcome(study) -> None:
+    from optuna.trial import TrialState
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    if not complete:
+        print(f"no completed trial ({len(failed)} failed)")
+        return
+    best = max(complete, key=lambda t: t.value)
+    baselines = study.user_attrs.get("baselines", {})
+    best_source = max(((v["objective"], k) for k, v in baselines.items()), default=(float("nan"), "?"))
+    print(f"{len(complete)} trials complete, {len(failed)} failed; best trial {best.number}: {best.value:.4f} "
+          f"(best source {best_source[1]}: {best_source[0]:.4f})")
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from search.loop import check_config
+
+    config, config_dir = _search_config(args)
+    summary = check_config(config, config_dir)
+    table = Table(title=f"{args.config}: valid", show_header=False)
+    for key, value in summary.items():
+        shown = "\n".join(f"{k}: {v}" for k, v in value.items()) if isinstance(value, dict) else (
+            ", ".join(map(str, value)) if isinstance(value, list) else str(value))
+        table.add_row(key, shown)
+    Console().print(table)
+    return 0
+
+
+def _add_search_options(p) -> None:
+    p.add_argument("config", help="search config YAML (see README: search config reference)")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite under results/<name>/)")
+    p.add_argument("--study-name", default=None, help="study name (default: the config's name)")
+    p.add_argument("--n-trials", type=int, default=None, help="total number of trials in the study")
+    p.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("--device", default=None, help="cpu or cuda")
+
+
+def _add_search(sub) -> None:
+    p = sub.add_parser("search", help="search merge parameters with Optuna (resumes an existing study)")
+    _add_search_options(p)
+    p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_search)
+    v = sub.add_parser("validate", help="check a search config (models compatible, tasks exist) without running")
+    _add_search_options(v)
+    v.set_defaults(func=cmd_validate)
+
+
 def _add_eval(sub) -> None:
     from evaluators.command import run_eval
     from evaluators.tasks import DEFAULT_INCLUDE_PATH
@@ -72,7 +148,7 @@ def _add_eval(sub) -> None:
     p.set_defaults(func=run_eval)
 
 
-SUBCOMMANDS = [_add_merge, _add_eval]
+SUBCOMMANDS = [_add_merge, _add_search, _add_eval]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,9 @@ from merge_core.memory import TensorSource
 from merge_core.recipe import load_recipe
 from search.config import SearchConfig
 from search.space import Dimension, build_recipe, dimensions, handwritten_point, model_labels
+
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 HEARTBEAT_SECONDS = 10
 GRACE_SECONDS = 40
@@ -291,3 +295,21 @@ class _progress:
         if self.enabled:
             self.bar.__exit__(*exc)
         return False
+
+
+def check_config(config: SearchConfig, config_dir: Path | None = None) -> dict[str, Any]:
+    """What ``evomerge validate`` checks without running: models exist and are compatible (the hand-written
+    recipe plans cleanly), and every task builds. Returns a summary for display."""
+    from merge_core.plan import plan_merge
+
+    paths = resolve_paths(config, config_dir)
+    readers = {ref: CheckpointReader(path) for ref, path in paths.items()}
+    base = readers[config.base_model]
+    num_layers = count_layers(base.names, base.config, config.base_model)
+    dims = dimensions(config, num_layers)
+    recipe = build_recipe(config, dims, handwritten_point(config, dims), num_layers)
+    plan = plan_merge(load_recipe(recipe), readers)
+    evaluator = build_evaluator(config)
+    return {"models": paths, "layers": num_layers, "dimensions": [d.key for d in dims],
+            "tensors": len(plan.jobs), "tasks": list(getattr(evaluator, "task_names", [t.name for t in config.tasks])),
+            "storage": config.storage_url, "sampler": config.sampler, "n_trials": config.n_trials}

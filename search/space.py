@@ -102,7 +102,7 @@ def build_recipe(config: SearchConfig, dims: list[Dimension], values: dict[str, 
     for d in dims:
         by_owner.setdefault((d.param, d.model), []).append(d)
     blocked = any(config.parameters[p].granularity == "blocks" for p in config.parameters)
-    inputs = ([config.base_model] if method.requires_base else []) + config.models
+    uses_base = not method.base_is_input
 
     def params_of(model: str | None, block: int | None) -> dict[str, Any]:
         out = {param: _setting(config, ds, values, block) for (param, owner), ds in by_owner.items()
@@ -112,11 +112,11 @@ def build_recipe(config: SearchConfig, dims: list[Dimension], values: dict[str, 
         return out
 
     recipe: dict[str, Any] = {"merge_method": config.method, "dtype": config.dtype}
-    if method.requires_base:
+    if uses_base:
         recipe["base_model"] = ref(config.base_model)
     if not blocked:
         recipe["models"] = [{"model": ref(m), **({"parameters": p} if (p := params_of(m, None)) else {})}
-                            for m in inputs]
+                            for m in config.models]
         if shared := params_of(None, None):
             recipe["parameters"] = shared
         return recipe
@@ -124,7 +124,7 @@ def build_recipe(config: SearchConfig, dims: list[Dimension], values: dict[str, 
     for block in range(math.ceil(num_layers / config.block_size)):
         layer_range = [block * config.block_size, min(num_layers, (block + 1) * config.block_size)]
         sources = [{"model": ref(m), "layer_range": layer_range,
-                    **({"parameters": p} if (p := params_of(m, block)) else {})} for m in inputs]
+                    **({"parameters": p} if (p := params_of(m, block)) else {})} for m in ([config.base_model] if uses_base else []) + config.models]
         slices.append({"sources": sources, **({"parameters": s} if (s := params_of(None, block)) else {})})
     recipe["slices"] = slices
     return recipe
