@@ -22,6 +22,7 @@ from merge_core.errors import EvomergeError
 from merge_core.methods import TensorContext
 from merge_core.plan import MergePlan, Source, TensorJob, plan_merge
 from merge_core.recipe import Recipe
+from merge_core.vocab import Vocabulary, build_vocabulary
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
@@ -63,6 +64,8 @@ def compute_tensor(job: TensorJob, plan: MergePlan, sources: dict[str, Source], 
                    device: str, seed: int | None) -> torch.Tensor:
     """The merged value of one output tensor, in the compute dtype, checked to be finite."""
     tensors = [sources[m].get(n, dtype=dtype, device=device) for m, n in zip(job.models, job.tensor_names)]
+    if job.permute_vocabulary:
+        tensors = plan.vocabulary.align(job.models, tensors, job.base)
     ctx = TensorContext(name=job.name, generator=_generator(seed, job.name, device), is_embedding=job.is_embedding)
     result = plan.method.fn(tensors, job.base, job.model_params, job.params, ctx)
     if not torch.isfinite(result).all():
@@ -106,18 +109,8 @@ def _check_device(device: str) -> None:
 
 
 def _tokenizer_dir(recipe: Recipe, paths: dict[str, Path], template: str) -> Path:
-    source = recipe.tokenizer.source if recipe.tokenizer else recipe.tokenizer_source
-    if source in (None, "base"):
-        return paths[recipe.base_model or template]
-    if source == "union":
-        files = {ref: (p / "tokenizer.json").read_bytes() for ref, p in paths.items() if (p / "tokenizer.json").is_file()}
-        if len(set(files.values())) > 1:
-            raise EvomergeError("tokenizer_source: union of tokenizers that differ is not supported yet "
-                                "(use base or one model's tokenizer)")
-        return paths[recipe.base_model or template]
-    if source not in paths:
-        raise EvomergeError(f"tokenizer source {source!r} is not one of the recipe's models")
-    return paths[source]
+    """Where the tokenizer is copied from when the recipe merges none (see ``merge_core.vocab``)."""
+    return paths[recipe.base_model or template]
 
 
 def _chat_template(recipe: Recipe, paths: dict[str, Path]) -> str | None:
@@ -142,11 +135,15 @@ def _chat_template(recipe: Recipe, paths: dict[str, Path]) -> str | None:
     return name
 
 
-def write_tokenizer(out: Path, recipe: Recipe, paths: dict[str, Path], template: str) -> None:
-    src = _tokenizer_dir(recipe, paths, template)
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, out / name)
+def write_tokenizer(out: Path, recipe: Recipe, paths: dict[str, Path], template: str,
+                    vocabulary: Vocabulary | None = None) -> None:
+    if vocabulary is not None:
+        vocabulary.tokenizer.save_pretrained(out)
+    else:
+        src = _tokenizer_dir(recipe, paths, template)
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, out / name)
     chat = _chat_template(recipe, paths)
     if chat is not None:
         (out / "chat_template.jinja").write_text(chat)
@@ -186,11 +183,15 @@ def merge(recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", dtype: st
     max_shard = parse_size(out_shard_size)
     out_dir = Path(out_dir)
     recipe_dir = Path(recipe_dir) if recipe_dir else None
+    if seed is None and recipe.evomerge is not None:
+        seed = recipe.evomerge.seed
     if seed is None and recipe_stochastic(recipe):
         seed = int.from_bytes(os.urandom(4), "little")
     with atomic_output_dir(out_dir, force=force) as tmp:
         sources = open_sources(recipe, allow_pickle=allow_pickle, recipe_dir=recipe_dir)
-        plan = plan_merge(recipe, sources)
+        paths = {ref: s.path for ref, s in sources.items()}
+        vocabulary = build_vocabulary(recipe, paths, {ref: s.config for ref, s in sources.items()})
+        plan = plan_merge(recipe, sources, vocabulary)
         layout = {job.name: (job.shape, out_dtype or sources[job.models[0]].dtype(job.tensor_names[0]))
                   for job in plan.jobs}
         writer = ShardedWriter(tmp, layout, max_shard_bytes=max_shard)
@@ -204,8 +205,8 @@ def merge(recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", dtype: st
         template_dir = sources[plan.template_model].path
         if (template_dir / "generation_config.json").is_file():
             shutil.copy2(template_dir / "generation_config.json", tmp / "generation_config.json")
-        if copy_tokenizer:
-            write_tokenizer(tmp, recipe, {ref: s.path for ref, s in sources.items()}, plan.template_model)
+        if copy_tokenizer or vocabulary is not None:  # a merged vocabulary is part of the model
+            write_tokenizer(tmp, recipe, paths, plan.template_model, vocabulary)
         (tmp / "mergekit_config.yml").write_text(recipe.to_yaml())
         (tmp / "README.md").write_text(model_card(recipe, seed))
     return out_dir

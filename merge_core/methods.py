@@ -2,26 +2,38 @@
 
 A method is registered by name with its per-model parameters (``weight``, ``density``…) and its global
 parameters (``normalize``, ``t``…), each with its default (``REQUIRED`` when the recipe must give it).
-Names, parameters and defaults follow mergekit 0.1.5 so its recipes run unchanged.
+Names, parameters, defaults and arithmetic follow mergekit 0.1.5 so its recipes run unchanged and give
+the same numbers.
 
 Calling convention (``MergeMethod.fn``)::
 
     fn(tensors, base, model_params, params, ctx) -> Tensor
 
-- ``tensors``: one tensor per input model, in recipe order; the base model's tensor is included (at
-  index ``base``) whenever the recipe has a base model.
+- ``tensors``: one tensor per input model, in recipe order, all in the compute dtype; the base model's
+  tensor is included (at index ``base``) whenever the recipe has a base model.
 - ``base``: index of the base model in ``tensors``, or None.
-- ``model_params``: one dict of resolved per-model parameters per entry of ``tensors``.
+- ``model_params``: one dict of resolved per-model parameters per entry of ``tensors``. The base's dict
+  is not read unless the method has ``base_is_input`` (mergekit resolves per-model parameters for the
+  base only for those methods), so it may be empty.
 - ``params``: resolved global parameters.
-- ``ctx``: the output tensor's name and a seeded ``torch.Generator`` for stochastic methods.
+- ``ctx``: the output tensor's name, a seeded ``torch.Generator`` for stochastic methods, and an
+  optional ``cache`` dict for work that a search can reuse across calls on the same inputs.
+
+Dtypes, as in mergekit: the inputs arrive in the compute dtype and the result comes back in that same
+dtype. Methods that mergekit runs in float32 (linear, slerp, the norms of karcher) up-cast internally
+(float64 stays float64) and round once at the end; all others compute in the given dtype, rounding where
+mergekit rounds, so bf16 inputs give mergekit's bf16 arithmetic.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from functools import partial
+from typing import Any, Callable, Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from merge_core.errors import EvomergeError
@@ -37,13 +49,29 @@ REQUIRED: Any = _Required()
 
 @dataclass(frozen=True)
 class TensorContext:
+    """Per-output-tensor context.
+
+    ``cache``: when the engine passes the same dict for repeated merges of the same input tensors (a
+    search trying many densities or weights), task arithmetic keeps its density-independent work there
+    (task vectors, magnitude keys, l1 norms) instead of recomputing it. Costs about 2× the inputs' memory.
+    """
+
     name: str
     generator: torch.Generator | None = None
     is_embedding: bool = False
+    cache: dict | None = None
 
 
 @dataclass(frozen=True)
 class MergeMethod:
+    """A registered method and mergekit's input rules for it.
+
+    ``min_models``/``max_models`` count every input model including the base (mergekit's min_inputs and
+    max_inputs); ``min_non_base``/``max_non_base`` count the others. ``base_is_input``: the method ignores
+    which model is the base and treats it as an ordinary input with its own per-model parameters.
+    ``check(model_params, params)`` validates parameter values before any tensor work.
+    """
+
     name: str
     fn: Callable[[list[Tensor], int | None, list[dict[str, Any]], dict[str, Any], TensorContext], Tensor]
     model_params: dict[str, Any] = field(default_factory=dict)
@@ -52,18 +80,24 @@ class MergeMethod:
     stochastic: bool = False
     min_models: int = 1
     max_models: int | None = None
+    min_non_base: int = 0
+    max_non_base: int | None = None
+    base_is_input: bool = False
+    check: Callable[[list[dict[str, Any]], dict[str, Any]], None] | None = None
 
 
 METHODS: dict[str, MergeMethod] = {}
 
 
 def register(name: str, *, model_params=None, params=None, requires_base=False, stochastic=False,
-             min_models=1, max_models=None):
+             min_models=1, max_models=None, min_non_base=0, max_non_base=None, base_is_input=False,
+             check=None):
     """Decorator: register ``fn`` as merge method ``name``."""
 
     def wrap(fn):
-        METHODS[name] = MergeMethod(name, fn, dict(model_params or {}), dict(params or {}),
-                                    requires_base, stochastic, min_models, max_models)
+        METHODS[name] = MergeMethod(name, fn, dict(model_params or {}), dict(params or {}), requires_base,
+                                    stochastic, min_models, max_models, min_non_base, max_non_base,
+                                    base_is_input, check)
         return fn
 
     return wrap
@@ -75,11 +109,557 @@ def get_method(name: str) -> MergeMethod:
     return METHODS[name]
 
 
-@register("linear", model_params={"weight": REQUIRED}, params={"normalize": True})
+def _count_phrase(low: int, high: int | None, what: str) -> str:
+    if high == low:
+        return f"exactly {low} {what}"
+    return f"at least {low} {what}" if high is None else f"{low} to {high} {what}"
+
+
+def check_inputs(method: MergeMethod, n_models: int, has_base: bool) -> None:
+    """Refuse a model list the method cannot merge, as one line (mergekit's InputContract rules)."""
+    if method.requires_base and not has_base:
+        raise EvomergeError(f"{method.name} needs a base_model")
+    if not method.min_models <= n_models <= (method.max_models or n_models):
+        raise EvomergeError(f"{method.name} needs {_count_phrase(method.min_models, method.max_models, 'models')}"
+                            f" (base included), got {n_models}")
+    others = n_models - (has_base and not method.base_is_input)
+    if not method.min_non_base <= others <= (method.max_non_base or others):
+        raise EvomergeError(f"{method.name} needs {_count_phrase(method.min_non_base, method.max_non_base, 'models')}"
+                            f" besides the base, got {others}")
+
+
+def _float_dtype(t: Tensor) -> torch.dtype:
+    """mergekit's internal precision for methods it up-casts: float32, or float64 for float64 inputs."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _others(tensors: list[Tensor], base: int | None) -> list[int]:
+    return [i for i in range(len(tensors)) if i != base]
+
+
+def _scalar(value: float, dtype: torch.dtype) -> float:
+    """``value`` rounded to ``dtype``, as mergekit gets it by building a tensor of that dtype."""
+    return torch.tensor(value, dtype=dtype).item()
+
+
+# --- interpolations --------------------------------------------------------------------------------
+
+
+@register("linear", model_params={"weight": REQUIRED}, params={"normalize": True}, base_is_input=True)
 def linear(tensors, base, model_params, params, ctx):
-    weights = torch.tensor([p["weight"] for p in model_params], dtype=torch.float32)
-    stacked = torch.stack([t.float() for t in tensors])
-    merged = (weights.view(-1, *[1] * (stacked.dim() - 1)) * stacked).sum(0)
+    """Weighted average; accumulates in float32 so bf16 inputs are rounded once."""
+    weights = torch.tensor([p["weight"] for p in model_params], dtype=_float_dtype(tensors[0]))
+    merged = torch.zeros(tensors[0].shape, dtype=weights.dtype)
+    for tensor, weight in zip(tensors, weights):
+        merged.addcmul_(tensor, weight)
     if params["normalize"]:
-        merged = merged / weights.sum()
-    return merged
+        merged.div_(weights.sum())
+    return merged.to(tensors[0].dtype)
+
+
+_SLERP_CHUNK = 1024 * 1024
+
+
+@register("slerp", params={"t": REQUIRED}, min_models=2, max_models=2)
+def slerp(tensors, base, model_params, params, ctx):
+    """Spherical interpolation from the base (t=0) to the other model (t=1); lerp when nearly collinear.
+
+    mergekit requires a base model; without one the first model plays the base. Works in float32 chunks
+    so scratch memory stays small whatever the tensor size.
+    """
+    start = 0 if base is None else base
+    a, b = tensors[start].reshape(-1), tensors[1 - start].reshape(-1)
+    dtype = _float_dtype(a)
+    t = _scalar(params["t"], dtype)
+    if not a.numel():
+        return tensors[start]
+    chunks = [slice(i, i + _SLERP_CHUNK) for i in range(0, a.numel(), _SLERP_CHUNK)]
+    norm_a = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(a[c].to(dtype)) for c in chunks]))
+    norm_b = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(b[c].to(dtype)) for c in chunks]))
+    norm_a = norm_a if norm_a > 1e-8 else torch.ones((), dtype=dtype)
+    norm_b = norm_b if norm_b > 1e-8 else torch.ones((), dtype=dtype)
+    dot = sum(torch.dot(a[c].to(dtype) / norm_a, b[c].to(dtype) / norm_b) for c in chunks)
+    dot = torch.as_tensor(dot, dtype=dtype).clamp(-1, 1)
+    if dot.abs() > 0.9995:
+        coef_a, coef_b = 1 - t, t
+    else:
+        theta = torch.acos(dot)
+        coef_a = (torch.sin((1 - t) * theta) / torch.sin(theta)).item()
+        coef_b = (torch.sin(t * theta) / torch.sin(theta)).item()
+    out = torch.empty_like(a)
+    for c in chunks:
+        out[c] = torch.add(a[c].to(dtype) * coef_a, b[c].to(dtype) * coef_b)
+    return out.reshape(tensors[start].shape)
+
+
+def _nuslerp(t: float, v0: Tensor, v1: Tensor, row_wise: bool, flatten: bool) -> Tensor:
+    """Slerp of each row (or of the flattened tensors), lerp where a pair is collinear."""
+    shape = v0.shape
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif row_wise:
+        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
+    u0 = v0 / torch.norm(v0, dim=-1, keepdim=True).clamp(min=1e-7)
+    u1 = v1 / torch.norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = (u0 * u1).sum(dim=-1, keepdim=True).clamp(-1, 1)
+    collinear = (1 - cos.square()) <= 1e-16
+    theta = torch.acos(torch.where(collinear, 0, cos))
+    spherical = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
+    result = torch.where(collinear, (1 - t) * v0 + t * v1, spherical)
+    if row_wise and not flatten:
+        result = result.transpose(0, -1)
+    return result.reshape(shape)
+
+
+@register("nuslerp", model_params={"weight": REQUIRED},
+          params={"nuslerp_row_wise": False, "nuslerp_flatten": True},
+          min_non_base=2, max_non_base=2)
+def nuslerp(tensors, base, model_params, params, ctx):
+    """Slerp with t = w₂/(w₁+w₂) between two models, or between their task vectors when there is a base."""
+    first, second = _others(tensors, base)
+    w1, w2 = model_params[first]["weight"], model_params[second]["weight"]
+    t = 0.5 if abs(w1 + w2) < 1e-6 else w2 / (w1 + w2)
+    interpolate = partial(_nuslerp, t, row_wise=params["nuslerp_row_wise"], flatten=params["nuslerp_flatten"])
+    if base is None:
+        return interpolate(tensors[first], tensors[second])
+    origin = tensors[base]
+    return origin + interpolate(tensors[first] - origin, tensors[second] - origin)
+
+
+@register("multislerp", model_params={"weight": REQUIRED}, params={"normalize_weights": True, "eps": 1e-8},
+          min_non_base=1)
+def multislerp(tensors, base, model_params, params, ctx):
+    """Barycentric slerp: average on the tangent space at the weighted mean direction, map back.
+
+    With a base, interpolates task vectors. A single model is returned unchanged (as mergekit does).
+    """
+    others = _others(tensors, base)
+    if len(others) == 1:
+        return tensors[others[0]]
+    eps = params["eps"]
+    points = torch.stack([tensors[i] for i in others])
+    if base is not None:
+        points -= tensors[base]
+    flat = points.view(len(others), -1)
+    weights = torch.tensor([model_params[i]["weight"] for i in others], dtype=points.dtype)
+    if params["normalize_weights"]:
+        weights = weights / weights.sum()
+    norms = torch.norm(flat, dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    mean = (units * weights.view(-1, 1)).sum(0)
+    mean_norm = torch.norm(mean)
+    if mean_norm < eps:
+        if len(others) != 2:
+            raise EvomergeError(f"multislerp: {ctx.name}: the weighted directions cancel out (antipodal models "
+                                "with balancing weights); change the weights")
+        result = (points[0] * weights[0] + points[1] * weights[1]).view(points.shape[1:])
+        return result if base is None else result + tensors[base]
+    mean = mean / mean_norm
+    tangents = units - (units * mean).sum(-1, keepdim=True) * mean
+    tangent = (tangents * weights.view(-1, 1)).sum(0)
+    tangent_norm = torch.norm(tangent) + eps
+    result = mean * torch.cos(tangent_norm) + tangent * (torch.sin(tangent_norm) / tangent_norm)
+    result = (result * (norms.squeeze(-1) * weights).sum()).view(points.shape[1:])
+    return result if base is None else result + tensors[base]
+
+
+@register("karcher", params={"max_iter": 10, "tol": 1e-5}, base_is_input=True)
+def karcher(tensors, base, model_params, params, ctx):
+    """Equal-weight Karcher (Riemannian) mean of the directions, rescaled by the mean norm."""
+    if len(tensors) == 1:
+        return tensors[0]
+    tol, dtype = params["tol"], _float_dtype(tensors[0])
+    alpha = 1.0 / len(tensors)
+    norms = [torch.linalg.vector_norm(t.to(dtype)) for t in tensors]
+    units = [t / n if n.item() > tol else None for t, n in zip(tensors, norms)]
+    valid = [u for u in units if u is not None]
+    if not valid:
+        return torch.zeros_like(tensors[0])
+    mean = sum(u * (1 / len(valid)) for u in valid)
+    mean_norm = torch.linalg.vector_norm(mean.to(dtype))
+    mean = valid[0].clone() if mean_norm.item() < tol else (mean / mean_norm).to(mean.dtype)
+    for _ in range(params["max_iter"]):
+        tangent = torch.zeros_like(mean)
+        for unit in valid:
+            dot = torch.dot(mean.flatten(), unit.flatten()).clamp(-1.0, 1.0)
+            theta = torch.arccos(dot)
+            if theta.item() >= tol:
+                tangent += (1 / len(valid)) * (theta / torch.sin(theta)) * (unit - dot * mean)
+        tangent_norm = torch.linalg.vector_norm(tangent.to(dtype))
+        if tangent_norm.item() < tol:
+            break
+        mean = (torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)).to(mean.dtype)
+        unit_norm = torch.linalg.vector_norm(mean.to(dtype))
+        if unit_norm.item() > tol:
+            mean = (mean / unit_norm).to(mean.dtype)
+    return (sum(alpha * n for n in norms) * mean).to(tensors[0].dtype)
+
+
+# --- task arithmetic family ------------------------------------------------------------------------
+#
+# Task arithmetic streams over the flattened tensors in chunks of _CHUNK elements: every chunk runs
+# mergekit's formula on a slice, so results are the same while temporaries stay cache-sized (mergekit
+# allocates several full-size copies per model). Sparsification needs whole-tensor facts first (the
+# magnitude threshold, l1 norms, the random masks, drawn model after model like mergekit does); those
+# come from earlier streaming passes. Masks are 1 byte per entry; task vectors are never stored.
+
+_CHUNK = 1 << 18
+_KEY_DTYPES = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _chunks(n: int) -> list[slice]:
+    return [slice(start, start + _CHUNK) for start in range(0, n, _CHUNK)]
+
+
+def magnitude_keys(delta: Tensor) -> Tensor:
+    """Flat integer keys ordered like |delta|: the bits of a non-negative float sort as integers."""
+    return delta.abs().reshape(-1).view(_KEY_DTYPES[delta.element_size()])
+
+
+def _top_digit_counts(key_chunks: Iterable[Tensor]) -> Tensor:
+    """Histogram of the top 16 bits of the keys (15 used: the sign bit is 0). Density-independent."""
+    counts = torch.zeros(1 << 15, dtype=torch.int64)
+    for keys in key_chunks:
+        counts += torch.bincount(keys >> (8 * keys.element_size() - 16), minlength=1 << 15)
+    return counts.to(torch.int32)
+
+
+def _kth_largest_key(k: int, key_chunks: Callable[[], Iterable[Tensor]], top_counts: Tensor, bits: int):
+    """Radix selection, 16 bits per round: find the k-th largest key without sorting.
+
+    Each round's histogram locates the digit holding the k-th key; the next round only counts keys with
+    that prefix. Returns (key, how many keys equal to it are among the k largest, how many equal it).
+    """
+    prefix, remaining, counts = 0, k, top_counts.long()
+    for shift in range(bits - 16, -1, -16):
+        if shift != bits - 16:
+            counts = torch.zeros(1 << 16, dtype=torch.int64)
+            for keys in key_chunks():
+                keys = keys[(keys >> (shift + 16)) == (prefix >> (shift + 16))]
+                counts += torch.bincount((keys >> shift) & 0xFFFF, minlength=1 << 16)
+        at_or_above = counts.flip(0).cumsum(0).flip(0)
+        digit = int((at_or_above >= remaining).nonzero()[-1])
+        remaining -= int(at_or_above[digit] - counts[digit])
+        prefix |= digit << shift
+    return prefix, remaining, int(counts[digit])
+
+
+def _top_k_masks(k: int, n: int, key_chunks: Callable[[], Iterable[Tensor]], top_counts: Tensor):
+    """Yield, chunk by chunk, the mask of the k largest keys; ties at the threshold go to the lowest
+    indices (mergekit's argsort breaks them in an unspecified order)."""
+    if k <= 0 or k >= n:
+        yield from (torch.full(keys.shape, k > 0) for keys in key_chunks())
+        return
+    chunks = key_chunks()
+    first = next(chunks)
+    threshold, take, equal = _kth_largest_key(k, key_chunks, top_counts, 8 * first.element_size())
+    threshold = torch.tensor(threshold, dtype=first.dtype)
+    for keys in itertools.chain([first], chunks):
+        if take == equal:
+            yield keys >= threshold
+            continue
+        mask = keys > threshold
+        if take:
+            ties = (keys == threshold).nonzero().squeeze(1)[:take]
+            mask[ties] = True
+            take -= len(ties)
+        yield mask
+
+
+def _l1(parts: Iterable[Tensor], dtype: torch.dtype) -> Tensor:
+    """Σ|x| over chunks, rounded to ``dtype`` like mergekit's ``abs().sum()``: each chunk is summed with
+    torch's own accumulator (float32, float64 for float64), so a single-chunk tensor gives its exact bits."""
+    accumulator = _float_dtype(torch.empty(0, dtype=dtype))
+    return sum(part.abs().sum(dtype=accumulator).double() for part in parts).to(dtype)
+
+
+def _bernoulli_dtype(dtype: torch.dtype) -> torch.dtype:
+    """mergekit's CPU dtype for random masks and their rescaling: bfloat16 stays, all else is float32."""
+    return dtype if dtype == torch.bfloat16 else torch.float32
+
+
+def _della_keep(delta: Tensor, density: float, epsilon: float, work: torch.dtype,
+                generator: torch.Generator | None) -> Tensor:
+    """DELLA MagPrune draw: keep probability rises linearly with each entry's magnitude rank along
+    dim 1, from ``density - epsilon`` (smallest) to ``density + epsilon`` (largest)."""
+    order = torch.argsort(delta.abs(), dim=1)
+    positions = torch.arange(delta.shape[1]).view(1, -1, *[1] * (delta.dim() - 2)).expand_as(order)
+    ranks = torch.empty_like(order).scatter_(1, order, positions).to(work) + 1
+    low, high = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+    position = ((ranks - low) / (high - low)).clamp(0, 1)
+    probabilities = (density - epsilon) + position * 2 * epsilon
+    return torch.rand(probabilities.shape, generator=generator) < probabilities.float()
+
+
+def _sparsify_plan(tensors, base, i, p, params, ctx, kind, chunks):
+    """Keep-masks (an iterator over chunks, or None) and the l1 rescale factor (or None) of model i.
+
+    Density-independent facts (magnitude histogram, l1 norm) go through ``ctx.cache``, so a search
+    sweeping densities over the same inputs pays for them once.
+    """
+    density = p["density"]
+    if kind is None or density >= 1:
+        return None, None
+    origin, model = tensors[base].reshape(-1), tensors[i].reshape(-1)
+    n, dtype = origin.numel(), origin.dtype
+
+    def deltas():
+        return (model[c] - origin[c] for c in chunks)
+
+    work = dtype if kind.startswith("magnitude") else _bernoulli_dtype(dtype)
+    if kind.startswith("magnitude"):
+        def key_chunks():
+            return (magnitude_keys(d) for d in deltas())
+
+        counts = _cached(ctx, ("top_digit_counts", i), lambda: _top_digit_counts(key_chunks()))
+        select = partial(_top_k_masks, n=n, key_chunks=key_chunks, top_counts=counts)
+        if kind == "magnitude":
+            masks = select(max(1, int(density * n)))
+        else:
+            kept = int(density * n)
+            dropped_small = max(0, n - kept - int(p["gamma"] * n))
+            masks = (a & ~b for a, b in zip(select(n - dropped_small), select(n - dropped_small - kept)))
+        if not params["rescale"]:
+            return masks, None
+        keep = torch.cat(list(masks)) if chunks else torch.zeros(0, dtype=torch.bool)
+    elif kind == "random":
+        threshold = _scalar(density, work)
+        keep = torch.cat([torch.rand(len(range(n)[c]), generator=ctx.generator) < threshold for c in chunks]
+                         or [torch.zeros(0, dtype=torch.bool)])
+    else:
+        shape = tensors[base].shape
+        rows = (1, n) if len(shape) < 2 else shape
+        origin_rows, model_rows = origin.view(rows), model.view(rows)
+        step = max(1, _CHUNK * rows[0] // max(n, 1))
+        keep = torch.cat([_della_keep(model_rows[r:r + step] - origin_rows[r:r + step], density, p["epsilon"],
+                                      work, ctx.generator).reshape(-1) for r in range(0, rows[0], step)])
+    masks = (keep[c] for c in chunks)
+    if not params["rescale"]:
+        return masks, None
+    before = _cached(ctx, ("l1", i, work), lambda: _l1((d.to(work) for d in deltas()), work))
+    after = _l1((d.to(work) * keep[c] for c, d in zip(chunks, deltas())), work)
+    return masks, (None if before < 1e-7 or after < 1e-7 else before / after)
+
+
+def _check_densities(kind: str | None, model_params, params) -> None:
+    for p in model_params:
+        if "density" not in p:
+            continue
+        density = p["density"]
+        if not 0 < density <= 1:
+            raise EvomergeError(f"density must be in (0, 1], got {density}")
+        if kind == "della_magprune" and density < 1:
+            epsilon = p["epsilon"]
+            if not (0 < density - epsilon and density + epsilon < 1):
+                raise EvomergeError(f"della needs density ± epsilon inside (0, 1), got density {density}, "
+                                    f"epsilon {epsilon}")
+
+
+def _cached(ctx: TensorContext, key: tuple, compute: Callable[[], Any]) -> Any:
+    if ctx.cache is None:
+        return compute()
+    if key not in ctx.cache:
+        ctx.cache[key] = compute()
+    return ctx.cache[key]
+
+
+def _combine(deltas: Tensor, weights: Tensor, consensus: str | None, params) -> Tensor:
+    """Merge weighted task-vector rows: TIES sign election (``sum`` weighs by magnitude, ``count`` by
+    votes) keeps only agreeing entries; ``normalize`` divides by the weights that were kept."""
+    if consensus is None:
+        mixed = deltas.sum(dim=0)
+        divisor = weights.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    else:
+        sign = deltas.sign()
+        votes = deltas.sum(dim=0) if consensus == "sum" else sign.sum(dim=0)
+        agrees = sign == (votes >= 0).to(deltas.dtype) * 2 - 1
+        mixed = (deltas * agrees).sum(dim=0)
+        divisor = (weights * agrees).sum(dim=0) if params["normalize"] else None
+        if divisor is not None:
+            divisor[divisor == 0] = 1
+    if params["normalize"]:
+        mixed /= divisor
+    if params["lambda"] != 1:
+        mixed *= params["lambda"]
+    return mixed
+
+
+def task_arithmetic(tensors, base, model_params, params, ctx, *, sparsification: str | None,
+                    consensus: str | None):
+    """base + λ·Σ wᵢ·sparsify(modelᵢ − base) [/ Σ wᵢ], with optional TIES sign consensus.
+
+    One function for task_arithmetic, ties, dare_*, breadcrumbs*, della*: they differ only in
+    ``sparsification`` (magnitude, random, magnitude_outliers, della_magprune), ``consensus`` (sum,
+    count) and defaults. ``ctx.cache`` keeps density-independent work for repeated calls.
+    """
+    _check_densities(sparsification, model_params, params)
+    origin = tensors[base]
+    others = _others(tensors, base)
+    if not others:
+        return origin
+    chunks = _chunks(origin.numel())
+    plans = [_sparsify_plan(tensors, base, i, model_params[i], params, ctx, sparsification, chunks)
+             for i in others]
+    masks = [iter(m) if m is not None else itertools.repeat(None) for m, _ in plans]
+    weights = torch.tensor([model_params[i]["weight"] for i in others], dtype=origin.dtype).view(-1, 1)
+    flat = [t.reshape(-1) for t in tensors]
+    out = torch.empty_like(flat[base])
+    for c in chunks:
+        start = flat[base][c]
+        deltas = torch.empty((len(others), start.numel()), dtype=start.dtype)
+        for row, i, mask, (_, scale) in zip(deltas, others, masks, plans):
+            torch.sub(flat[i][c], start, out=row)
+            mask = next(mask)
+            if mask is not None:
+                row.mul_(mask)
+            if scale is not None:
+                row.copy_(row.to(scale.dtype) * scale)
+        deltas.mul_(weights)
+        torch.add(start, _combine(deltas, weights, consensus, params), out=out[c])
+    return out.view(origin.shape)
+
+
+_TASK_ARITHMETIC_VARIANTS = {
+    # name: (sparsification, consensus, default normalize, default rescale)
+    "task_arithmetic": (None, None, False, False),
+    "ties": ("magnitude", "sum", True, False),
+    "dare_ties": ("random", "sum", False, True),
+    "dare_linear": ("random", None, False, True),
+    "breadcrumbs": ("magnitude_outliers", None, False, False),
+    "breadcrumbs_ties": ("magnitude_outliers", "sum", False, False),
+    "della": ("della_magprune", "sum", True, True),
+    "della_linear": ("della_magprune", None, False, True),
+}
+
+for _name, (_sparsification, _consensus, _normalize, _rescale) in _TASK_ARITHMETIC_VARIANTS.items():
+    register(
+        _name,
+        model_params={"weight": REQUIRED, "density": 1.0,
+                      **({"gamma": 0.01} if _sparsification == "magnitude_outliers" else {}),
+                      **({"epsilon": 0.15} if _sparsification == "della_magprune" else {})},
+        params={"int8_mask": False, "normalize": _normalize, "rescale": _rescale, "lambda": 1.0},
+        requires_base=True,
+        stochastic=_sparsification in ("random", "della_magprune"),
+        check=partial(_check_densities, _sparsification),
+    )(partial(task_arithmetic, sparsification=_sparsification, consensus=_consensus))
+
+
+# --- other base-relative methods -------------------------------------------------------------------
+
+
+@register("sce", params={"int8_mask": False, "select_topk": 1.0}, requires_base=True)
+def sce(tensors, base, model_params, params, ctx):
+    """SCE: keep the entries whose task vectors vary most across models, elect signs, weight each model
+    by its mean squared delta."""
+    origin = tensors[base]
+    others = _others(tensors, base)
+    if not others:
+        return origin
+    deltas = torch.stack([tensors[i] - origin for i in others])
+    fraction = params["select_topk"]
+    if fraction < 1:
+        variance = torch.var(deltas, dim=0, unbiased=False)
+        k = int(torch.count_nonzero(variance) * fraction) if fraction > 0 else 0
+        mask = torch.zeros(variance.numel(), dtype=deltas.dtype)
+        if k:
+            mask[torch.topk(variance.abs().view(-1), k=k).indices] = 1
+        deltas = deltas * mask.view(variance.shape)
+    majority = torch.where(deltas.sum(0) >= 0, 1, -1).to(deltas.dtype)
+    agrees = deltas.sign() == majority
+    energy = deltas.square().reshape(len(others), -1).mean(dim=1)
+    total = energy.sum().item()
+    weights = torch.ones_like(energy) / len(others) if abs(total) < 1e-6 else energy / total
+    weights = weights.view(-1, *[1] * origin.dim()) * agrees
+    return origin + (deltas * weights).sum(0) / weights.sum(0).clamp(min=1e-6)
+
+
+def _ram_vectors(tensors, base, epsilon):
+    """Task vectors zeroed below ``epsilon``, with masks of entries changed by one model or by several."""
+    deltas = torch.stack([tensors[i] - tensors[base] for i in _others(tensors, base)]).flatten(1)
+    changed = deltas.abs() > epsilon
+    contributors = changed.sum(dim=0, keepdim=True)
+    return deltas * changed, changed, contributors, contributors > 1, contributors == 1
+
+
+@register("ram", params={"epsilon": 1e-5}, requires_base=True)
+def ram(tensors, base, model_params, params, ctx):
+    """Reinforced Agent Merging: entries changed by one model take its delta, shared ones the average."""
+    if len(tensors) == 1:
+        return tensors[base]
+    deltas, _, contributors, shared, unique = _ram_vectors(tensors, base, params["epsilon"])
+    merged = (deltas * unique + deltas * shared / contributors.clamp(min=1)).sum(dim=0)
+    return tensors[base] + merged.reshape(tensors[base].shape)
+
+
+@register("ramplus_tl", params={"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}, requires_base=True)
+def ramplus_tl(tensors, base, model_params, params, ctx):
+    """RAM+ (tensor-local): also boosts each model's unique entries by its shared/unique overlap ratio."""
+    if len(tensors) == 1:
+        return tensors[base]
+    epsilon = params["epsilon"]
+    deltas, changed, contributors, shared, unique = _ram_vectors(tensors, base, epsilon)
+    ratio = (changed & shared).sum(dim=1) / (changed & unique).sum(dim=1).clamp(min=epsilon)
+    boost = 1 + params["r"] * ratio.clamp(min=0, max=params["alpha"])
+    merged = (deltas * unique * boost.unsqueeze(-1) + deltas * shared / contributors.clamp(min=1)).sum(dim=0)
+    return tensors[base] + merged.reshape(tensors[base].shape)
+
+
+@register("model_stock", params={"filter_wise": False}, requires_base=True, min_models=3)
+def model_stock(tensors, base, model_params, params, ctx):
+    """Model Stock: move from the base toward the models' average by t = k·cosθ / (1 + (k−1)·cosθ),
+    cosθ the mean pairwise cosine of the task vectors (per row with ``filter_wise``)."""
+    origin = tensors[base]
+    if params["filter_wise"]:
+        flat = (lambda t: t.unsqueeze(0)) if origin.dim() == 1 else (lambda t: t)
+    else:
+        flat = (lambda t: t.reshape(-1))
+    w0 = flat(origin)
+    models = [flat(tensors[i]) for i in _others(tensors, base)]
+    deltas = [m - w0 for m in models]
+    cosines = []
+    for i, a in enumerate(deltas):
+        for b in deltas[i + 1:]:
+            norms = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
+            cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    k = len(models)
+    denominator = 1 + (k - 1) * cos
+    singular = denominator.abs() < 1e-6
+    t = torch.where(singular, 0, k * cos / torch.where(singular, 1, denominator))
+    return (t * (sum(models) / k) + (1 - t) * w0).reshape(origin.shape)
+
+
+@register("nearswap", params={"t": REQUIRED}, requires_base=True, min_models=2, max_models=2)
+def nearswap(tensors, base, model_params, params, ctx):
+    """Take the other model's value where it is within ``t`` of the base, interpolate beyond."""
+    a, b = tensors[base], tensors[1 - base]
+    weight = (params["t"] / (a - b).abs().clamp(min=1e-6)).clamp(min=0, max=1)
+    return weight * b + (1 - weight) * a
+
+
+_FUSION_SAMPLE = 1_000_000
+
+
+@register("arcee_fusion", requires_base=True, min_models=2, max_models=2)
+def arcee_fusion(tensors, base, model_params, params, ctx):
+    """Keep the other model's change only where its importance (|Δ| × KL of the softmaxed rows) is an
+    upper outlier: above median + 1.5·IQR, quantiles from a ≤1M sample drawn with ``ctx.generator``."""
+    origin, other = tensors[base], tensors[1 - base]
+    p = F.softmax(other, dim=-1) + 1e-8
+    q = F.softmax(origin, dim=-1) + 1e-8
+    importance = (other - origin).abs() * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    sample = importance.reshape(-1)
+    if sample.numel() > _FUSION_SAMPLE:
+        sample = sample[torch.randint(sample.numel(), (_FUSION_SAMPLE,), generator=ctx.generator)]
+    ordered = torch.sort(sample).values
+    q1, median, q3 = ordered[(torch.tensor([0.25, 0.5, 0.75]) * (ordered.numel() - 1)).long()]
+    mask = (importance >= median + 1.5 * (q3 - q1)).float()
+    return origin + (other - origin) * mask
+
+
+@register("passthrough", model_params={"scale": None}, max_models=1, base_is_input=True)
+def passthrough(tensors, base, model_params, params, ctx):
+    """Copy the single input, optionally multiplied by its ``scale``."""
+    scale = model_params[0].get("scale")
+    return tensors[0] if scale is None else tensors[0] * scale

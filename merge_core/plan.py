@@ -20,6 +20,9 @@ from merge_core.recipe import InputSlice, OutputSlice, Recipe
 
 # Methods whose base is the first model when a recipe names none (the seeds' slerp recipe has no base_model).
 FIRST_MODEL_IS_BASE = ("slerp",)
+# Defaults evomerge adds where mergekit requires a value: the seeds' tokenizer recipe gives linear no
+# weights, which evomerge reads as equal weights (a plain average, since linear normalizes by default).
+DEFAULT_MODEL_PARAMS = {"linear": {"weight": 1.0}}
 
 
 class Source(Protocol):
@@ -49,6 +52,7 @@ class TensorJob:
     params: dict[str, Any]
     shape: tuple[int, ...]
     is_embedding: bool = False
+    permute_vocabulary: bool = False  # rows are tokens: align them to the output vocabulary first
 
 
 @dataclass
@@ -58,6 +62,7 @@ class MergePlan:
     config: dict
     template_model: str
     source_layers: list[int] = field(default_factory=list)
+    vocabulary: Any = None  # merge_core.vocab.Vocabulary when the recipe merges tokenizers
 
 
 def _param_scopes(src: InputSlice | None, out_slice: OutputSlice, recipe: Recipe) -> list[dict | None]:
@@ -111,9 +116,10 @@ def _check_layer_range(src: InputSlice, source: Source) -> None:
 
 
 class _Planner:
-    def __init__(self, recipe: Recipe, sources: dict[str, Source]):
+    def __init__(self, recipe: Recipe, sources: dict[str, Source], vocabulary: Any = None):
         self.recipe = recipe
         self.sources = sources
+        self.vocabulary = vocabulary
         self.method = get_method(recipe.merge_method)
         self.jobs: list[TensorJob] = []
 
@@ -129,7 +135,11 @@ class _Planner:
 
     def add(self, out_name: str, models: list[str], names: list[str], base: str | None,
             scopes: list[list[dict | None]], slice_scopes: list[dict | None], t: float) -> None:
-        shapes = [self.sources[m].shape(n) for m, n in zip(models, names)]
+        shapes = [tuple(self.sources[m].shape(n)) for m, n in zip(models, names)]
+        permute = self.vocabulary is not None and is_embedding(out_name) and all(
+            shape[0] == self.sources[m].config.get("vocab_size") for m, shape in zip(models, shapes))
+        if permute:
+            shapes = [(self.vocabulary.rows, *shape[1:]) for shape in shapes]
         for m, shape in zip(models[1:], shapes[1:]):
             if shape != shapes[0]:
                 hint = (" (vocabulary sizes differ: add a tokenizer_source or tokenizer block)"
@@ -141,13 +151,14 @@ class _Planner:
         for i, (m, n) in enumerate(zip(models, names)):
             values = {}
             for pname, default in self.method.model_params.items():
+                default = DEFAULT_MODEL_PARAMS.get(self.method.name, {}).get(pname, default)
                 if i == base_index and default is REQUIRED and not any(pname in (s or {}) for s in scopes[i]):
                     continue
                 values[pname] = resolve(pname, default, scopes[i], n, t, model=m)
             model_params.append(values)
         params = {p: resolve(p, d, slice_scopes, out_name, t) for p, d in self.method.params.items()}
         self.jobs.append(TensorJob(out_name, models, names, base_index, model_params, params,
-                                   tuple(shapes[0]), is_embedding(out_name)))
+                                   tuple(shapes[0]), is_embedding(out_name), permute))
 
     def check_architectures(self) -> None:
         kinds = {ref: (s.config.get("model_type"), tuple(s.config.get("architectures") or ())) for ref, s in
@@ -207,8 +218,11 @@ class _Planner:
         template_config = self.sources[template].config
         n_in = count_layers(self.sources[template].names, template_config, template)
         config = with_layer_count(template_config, source_layers, n_in)
-        return MergePlan(self.method, self.jobs, config, template, source_layers)
+        if self.vocabulary is not None:
+            config["vocab_size"] = self.vocabulary.rows
+        return MergePlan(self.method, self.jobs, config, template, source_layers, self.vocabulary)
 
 
-def plan_merge(recipe: Recipe, sources: dict[str, Source]) -> MergePlan:
-    return _Planner(recipe, sources).plan()
+def plan_merge(recipe: Recipe, sources: dict[str, Source], vocabulary: Any = None) -> MergePlan:
+    """``vocabulary`` (from ``merge_core.vocab.build_vocabulary``) lets token-indexed tensors differ in rows."""
+    return _Planner(recipe, sources, vocabulary).plan()

@@ -94,8 +94,19 @@ class TokenizerSpec(_Strict):
     pad_to_multiple_of: int | None = None
 
 
+class Provenance(_Strict):
+    """Where an exported recipe came from; mergekit ignores this block, evomerge uses ``seed``."""
+
+    version: str | None = None
+    seed: int | None = None
+    storage: str | None = None
+    study: str | None = None
+    trial: int | None = None
+    objective: float | None = None
+
+
 class Recipe(_Strict):
-    """A merge recipe (mergekit's ``MergeConfiguration``)."""
+    """A merge recipe (mergekit's ``MergeConfiguration``), plus evomerge's optional provenance block."""
 
     merge_method: str
     models: list[InputModel] | None = None
@@ -107,6 +118,7 @@ class Recipe(_Strict):
     tokenizer_source: str | None = None
     tokenizer: TokenizerSpec | None = None
     chat_template: str | None = None
+    evomerge: Provenance | None = None
 
     @model_validator(mode="after")
     def _one_input_form(self):

@@ -113,10 +113,14 @@ class Workbench:
     dims: list[Dimension] = field(default_factory=list)
 
     def recipe(self, values: dict[str, float], *, portable: bool = False) -> dict[str, Any]:
-        return build_recipe(self.config, self.dims, values, self.num_layers, self.paths if portable else None)
+        """The candidate's recipe; ``portable`` spells model paths out and records the seed, for export."""
+        recipe = build_recipe(self.config, self.dims, values, self.num_layers, self.paths if portable else None)
+        if portable:
+            recipe["evomerge"] = {"version": _version(), "seed": self.config.seed}
+        return recipe
 
     def materialize(self, recipe: dict[str, Any]) -> None:
-        merge_into(self.model, load_recipe(recipe), self.sources, device=self.config.device)
+        merge_into(self.model, load_recipe(recipe), self.sources, device=self.config.device, seed=self.config.seed)
 
     def load_source(self, ref: str) -> None:
         """Put one source model's own weights into the live model (for baselines)."""
