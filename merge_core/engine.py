@@ -61,12 +61,19 @@ def _generator(seed: int | None, name: str, device: str) -> torch.Generator | No
 
 
 def compute_tensor(job: TensorJob, plan: MergePlan, sources: dict[str, Source], *, dtype: torch.dtype | None,
-                   device: str, seed: int | None) -> torch.Tensor:
-    """The merged value of one output tensor, in the compute dtype, checked to be finite."""
+                   device: str, seed: int | None, cache: dict | None = None) -> torch.Tensor:
+    """The merged value of one output tensor, in the compute dtype, checked to be finite.
+
+    ``cache`` (one dict across calls) keeps the methods' input-only work per tensor, for searches.
+    """
     tensors = [sources[m].get(n, dtype=dtype, device=device) for m, n in zip(job.models, job.tensor_names)]
     if job.permute_vocabulary:
         tensors = plan.vocabulary.align(job.models, tensors, job.base)
-    ctx = TensorContext(name=job.name, generator=_generator(seed, job.name, device), is_embedding=job.is_embedding)
+    tensor_cache = None
+    if cache is not None:
+        tensor_cache = cache.setdefault((job.name, tuple(job.models), tuple(job.tensor_names), job.base), {})
+    ctx = TensorContext(name=job.name, generator=_generator(seed, job.name, device), is_embedding=job.is_embedding,
+                        cache=tensor_cache)
     result = plan.method.fn(tensors, job.base, job.model_params, job.params, ctx)
     if not torch.isfinite(result).all():
         raise EvomergeError(f"tensor {job.name}: the merge produced NaN or Inf")
@@ -75,10 +82,10 @@ def compute_tensor(job: TensorJob, plan: MergePlan, sources: dict[str, Source], 
 
 def run_plan(plan: MergePlan, sources: dict[str, Source], sink: Callable[[TensorJob, torch.Tensor], None], *,
              dtype: torch.dtype | None, device: str = "cpu", seed: int | None = None,
-             progress: bool = False) -> None:
+             progress: bool = False, cache: dict | None = None) -> None:
     if not progress:
         for job in plan.jobs:
-            sink(job, compute_tensor(job, plan, sources, dtype=dtype, device=device, seed=seed))
+            sink(job, compute_tensor(job, plan, sources, dtype=dtype, device=device, seed=seed, cache=cache))
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -88,7 +95,7 @@ def run_plan(plan: MergePlan, sources: dict[str, Source], sink: Callable[[Tensor
         task = bar.add_task("merge", total=len(plan.jobs), tensor="")
         for job in plan.jobs:
             bar.update(task, tensor=job.name)
-            sink(job, compute_tensor(job, plan, sources, dtype=dtype, device=device, seed=seed))
+            sink(job, compute_tensor(job, plan, sources, dtype=dtype, device=device, seed=seed, cache=cache))
             bar.advance(task)
 
 
@@ -178,6 +185,12 @@ def merge(recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", dtype: st
           force: bool = False, allow_pickle: bool = False, progress: bool = False,
           recipe_dir: str | Path | None = None) -> Path:
     """Merge ``recipe`` into a Hugging Face checkpoint at ``out_dir``, atomically."""
+    from merge_core.moe import MoERecipe, merge_moe  # imported here: moe builds on this module
+
+    if isinstance(recipe, MoERecipe):
+        return merge_moe(recipe, out_dir, device=device, dtype=dtype, out_shard_size=out_shard_size, seed=seed,
+                         copy_tokenizer=copy_tokenizer, force=force, allow_pickle=allow_pickle,
+                         recipe_dir=Path(recipe_dir) if recipe_dir else None)
     _check_device(device)
     compute_dtype, out_dtype = _dtypes(recipe, dtype)
     max_shard = parse_size(out_shard_size)
@@ -219,8 +232,11 @@ def recipe_stochastic(recipe: Recipe) -> bool:
 
 
 def merge_into(model: torch.nn.Module, recipe: Recipe, sources: dict[str, Source], *, dtype: str | None = None,
-               device: str = "cpu", seed: int | None = None) -> MergePlan:
-    """Materialize ``recipe`` into ``model``'s parameters in place (no checkpoint is written)."""
+               device: str = "cpu", seed: int | None = None, cache: dict | None = None) -> MergePlan:
+    """Materialize ``recipe`` into ``model``'s parameters in place (no checkpoint is written).
+
+    Pass the same ``cache`` dict for every candidate merged from the same sources (a search).
+    """
     compute_dtype, _ = _dtypes(recipe, dtype)
     plan = plan_merge(recipe, sources)
     state = model.state_dict()
@@ -232,5 +248,5 @@ def merge_into(model: torch.nn.Module, recipe: Recipe, sources: dict[str, Source
         with torch.no_grad():
             state[job.name].copy_(tensor)
 
-    run_plan(plan, sources, into_model, dtype=compute_dtype, device=device, seed=seed)
+    run_plan(plan, sources, into_model, dtype=compute_dtype, device=device, seed=seed, cache=cache)
     return plan

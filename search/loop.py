@@ -111,6 +111,7 @@ class Workbench:
     evaluator: Any
     num_layers: int
     dims: list[Dimension] = field(default_factory=list)
+    cache: dict = field(default_factory=dict)
 
     def recipe(self, values: dict[str, float], *, portable: bool = False) -> dict[str, Any]:
         """The candidate's recipe; ``portable`` spells model paths out and records the seed, for export."""
@@ -120,7 +121,8 @@ class Workbench:
         return recipe
 
     def materialize(self, recipe: dict[str, Any]) -> None:
-        merge_into(self.model, load_recipe(recipe), self.sources, device=self.config.device, seed=self.config.seed)
+        merge_into(self.model, load_recipe(recipe), self.sources, device=self.config.device, seed=self.config.seed,
+                   cache=self.cache)
 
     def load_source(self, ref: str) -> None:
         """Put one source model's own weights into the live model (for baselines)."""
@@ -196,9 +198,23 @@ class _StopFlag:
         print("\nstopping after the current trial (Ctrl-C again to stop now)", flush=True)
 
 
-def run_trial(study: optuna.Study, bench: Workbench) -> optuna.trial.FrozenTrial:
+def _surplus(study: optuna.Study, trial: optuna.Trial, config: SearchConfig) -> bool:
+    """Another worker took the last slot of the budget between our check and our ask."""
+    if config.n_trials is None:
+        return False
+    ahead = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+             if t.number < trial.number]
+    return len(ahead) >= config.n_trials
+
+
+def run_trial(study: optuna.Study, bench: Workbench) -> optuna.trial.FrozenTrial | None:
+    """Ask, materialize, score, tell. None when the budget was used up by other workers meanwhile."""
     trial = study.ask()
     trial.set_user_attr("worker", _worker_id())
+    if _surplus(study, trial, bench.config):
+        trial.set_user_attr("surplus", True)
+        study.tell(trial, state=TrialState.PRUNED)
+        return None
     with get_heartbeat_thread(trial._trial_id, study._storage):
         try:
             values = {d.key: trial.suggest_float(d.key, d.low, d.high) for d in bench.dims}
@@ -259,6 +275,8 @@ def search(config: SearchConfig, *, config_dir: Path | None = None, evaluator=No
         with _progress(progress, config, baselines) as report:
             while not stop.requested and budget_left(study, config, started):
                 frozen = run_trial(study, bench)
+                if frozen is None:
+                    break
                 report(study, frozen)
                 if on_trial:
                     on_trial(study, frozen)
