@@ -101,6 +101,7 @@ def _map_tensor(stored: _StoredTensor) -> Tensor:
     with open(stored.file, "rb") as handle:
         mapping = mmap.mmap(handle.fileno(), stored.start + stored.nbytes - page_start,
                             access=mmap.ACCESS_COPY, offset=page_start)
+    mapping.madvise(mmap.MADV_WILLNEED)  # cold files: read the whole tensor ahead, not fault by fault
     offset = stored.start - page_start
     flat = torch.frombuffer(mapping, dtype=torch.uint8, count=stored.nbytes, offset=offset)
     if stored.start % stored.dtype.itemsize:
