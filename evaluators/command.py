@@ -19,7 +19,8 @@ def run_eval(args: argparse.Namespace) -> int:
         evaluators.append(LmEvalEvaluator(args.tasks, include_path=args.include_path,
                                           split=None if args.split == "default" else args.split, limit=args.limit,
                                           num_fewshot=args.num_fewshot, batch_size=args.batch_size,
-                                          apply_chat_template=args.apply_chat_template, device=args.device))
+                                          apply_chat_template=args.apply_chat_template, device=args.device,
+                                          threads=args.threads))
     if args.perplexity:
         evaluators.append(PerplexityEvaluator(args.perplexity, device=args.device))
     if not evaluators:

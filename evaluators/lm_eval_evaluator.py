@@ -96,13 +96,15 @@ class LmEvalEvaluator:
     ``None`` scores each task's own ``test_split`` (for standard lm-eval tasks). ``metrics`` maps a task to the
     metrics to report, the first being the primary one; by default every metric the task produces, in the
     task's order. Generation is always greedy with the same settings for every model; ``gen_kwargs`` may change
-    ``max_gen_toks`` or ``until`` but not sampling.
+    ``max_gen_toks`` or ``until`` but not sampling. ``threads`` sets torch's intra-op threads while scoring
+    (``None`` leaves them): on a CPU shared with other busy processes, 1 thread avoids OpenMP threads
+    spin-waiting on each other, which made small-model calls ~10x slower in benchmarks/eval_speed.py.
     """
 
     def __init__(self, tasks: list[str] | str, *, include_path: str | Path | None = None, split: str | None = "search",
                  limit: int | float | None = None, num_fewshot: int | None = None, batch_size: int = 32,
                  apply_chat_template: bool = False, device: str = "cpu", gen_kwargs: dict[str, Any] | None = None,
-                 metrics: dict[str, list[str]] | None = None) -> None:
+                 metrics: dict[str, list[str]] | None = None, threads: int | None = None) -> None:
         offline_defaults()
         quiet_lm_eval()
         cache_prompt_templates()
@@ -121,6 +123,7 @@ class LmEvalEvaluator:
         self.batch_size = batch_size
         self.apply_chat_template = apply_chat_template
         self.device = device
+        self.threads = threads
         self._tasks = build_tasks(names, include if include.is_dir() else None, split)
         self._configure(num_fewshot, gen_kwargs)
         self._metrics = self._select_metrics(metrics or {})
@@ -177,8 +180,22 @@ class LmEvalEvaluator:
         import torch
 
         start = time.perf_counter()
-        lm = self._lm_for(model, tokenizer)
-        requests = self._requests_for(lm, tokenizer)
+        own_threads = torch.get_num_threads()
+        torch.set_num_threads(self.threads or own_threads)
+        try:
+            lm = self._lm_for(model, tokenizer)
+            requests = self._requests_for(lm, tokenizer)
+            self._run(lm, requests)
+        finally:
+            torch.set_num_threads(own_threads)
+        tasks = {name: self._task_score(name, requests.docs[name]) for name in self._tasks}
+        return Scores(tasks=tasks, seconds=time.perf_counter() - start)
+
+    @staticmethod
+    def _run(lm: Any, requests: _Requests) -> None:
+        """Fresh responses for every request; lm-eval groups and batches them per request type."""
+        import torch
+
         for instances in requests.by_type.values():
             for instance in instances:
                 instance.resps.clear()
@@ -189,8 +206,6 @@ class LmEvalEvaluator:
                 for inst, response in zip(repeated, getattr(lm, request_type)(repeated, disable_tqdm=True),
                                           strict=True):
                     inst.resps.append(response)
-        tasks = {name: self._task_score(name, requests.docs[name]) for name in self._tasks}
-        return Scores(tasks=tasks, seconds=time.perf_counter() - start)
 
     def _lm_for(self, model: Any, tokenizer: Any):
         ensure_on_device(model, self.device)

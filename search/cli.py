@@ -144,6 +144,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--apply-chat-template", action="store_true", help="wrap prompts in the tokenizer's chat template")
     p.add_argument("--perplexity", default=None, metavar="FILE", help="also score perplexity of this text file")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads while scoring (default: torch's; 1 helps on a CPU shared with busy processes)")
     p.add_argument("--output", default=None, help="write the scores (with per-sample values) to this JSON file")
     p.set_defaults(func=run_eval)
 
