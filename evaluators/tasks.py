@@ -141,7 +141,11 @@ def task_config(yaml_path: Path, split: str | None) -> dict[str, Any]:
 
 
 def build_tasks(names: list[str], include_path: str | Path | None, split: str | None) -> dict[str, Any]:
-    """lm-eval ``Task`` objects by name (groups expand to their tasks), each loaded with its data once."""
+    """lm-eval ``Task`` objects by name, each loaded with its data once.
+
+    Tags expand to their YAML tasks, which get the path handling above; groups and Python tasks are loaded
+    by lm-eval as they are (their data paths are not rewritten).
+    """
     from lm_eval.tasks._index import Kind
 
     include = str(Path(include_path).resolve()) if include_path else None
@@ -149,10 +153,13 @@ def build_tasks(names: list[str], include_path: str | Path | None, split: str | 
     specs: list[str | dict[str, Any]] = []
     for name in names:
         entry = manager.task_index[name]
-        if entry.kind == Kind.TASK and entry.yaml_path is not None:
-            specs.append(task_config(Path(entry.yaml_path), split))
-        else:
-            specs.append(name)
+        members = sorted(entry.tags) if entry.kind == Kind.TAG else [name]
+        for member in members:
+            found = manager.task_index.get(member)
+            if found is not None and found.kind == Kind.TASK and found.yaml_path is not None:
+                specs.append(task_config(Path(found.yaml_path), split))
+            else:
+                specs.append(member)
     try:
         tasks = _load(manager, specs, include)
     except EvomergeError:
