@@ -44,6 +44,7 @@ DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.ite
 
 _HEADER_LIMIT = 100 * 1000 * 1000  # same bound safetensors itself enforces on header size
 _PAGE = mmap.ALLOCATIONGRANULARITY
+_MAP_MIN_BYTES = 2**20
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -89,24 +90,43 @@ def _read_safetensors_header(model: Path, file: Path) -> dict[str, _StoredTensor
     return tensors
 
 
-def _map_tensor(stored: _StoredTensor) -> Tensor:
-    """Zero-copy, private (copy-on-write) mapping of one tensor's bytes.
+def _read_tensor(stored: _StoredTensor) -> Tensor:
+    """One tensor's bytes: large ones mapped zero-copy, small or misaligned ones read into memory.
 
-    Each tensor gets its own mapping, so its pages leave the process as soon as the tensor is freed; one
-    mapping for the whole file would keep every page ever touched resident, i.e. whole models.
+    Each large tensor gets its own private (copy-on-write) mapping, so its pages leave the process as soon
+    as the tensor is freed; one mapping for the whole file would keep every page ever touched resident, i.e.
+    whole models. Small tensors (norms, biases) are cheaper to copy than to map, and copying is also the
+    fallback when the process runs out of mappings (vm.max_map_count), e.g. with many-expert models.
     """
-    if stored.nbytes == 0:
-        return torch.empty(stored.shape, dtype=stored.dtype)
+    if stored.nbytes >= _MAP_MIN_BYTES and stored.start % stored.dtype.itemsize == 0:
+        try:
+            return _map_tensor(stored)
+        except OSError:
+            pass
+    return _copy_tensor(stored)
+
+
+def _map_tensor(stored: _StoredTensor) -> Tensor:
     page_start = stored.start - stored.start % _PAGE
     with open(stored.file, "rb") as handle:
         mapping = mmap.mmap(handle.fileno(), stored.start + stored.nbytes - page_start,
                             access=mmap.ACCESS_COPY, offset=page_start)
     mapping.madvise(mmap.MADV_WILLNEED)  # cold files: read the whole tensor ahead, not fault by fault
-    offset = stored.start - page_start
-    flat = torch.frombuffer(mapping, dtype=torch.uint8, count=stored.nbytes, offset=offset)
-    if stored.start % stored.dtype.itemsize:
-        flat = flat.clone()  # misaligned data (not written by safetensors): give kernels an aligned copy
+    flat = torch.frombuffer(mapping, dtype=torch.uint8, count=stored.nbytes, offset=stored.start - page_start)
     return flat.view(stored.dtype).view(stored.shape)
+
+
+def _copy_tensor(stored: _StoredTensor) -> Tensor:
+    tensor = torch.empty(stored.shape, dtype=stored.dtype)
+    buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    with open(stored.file, "rb", buffering=0) as handle:
+        handle.seek(stored.start)
+        while buffer:
+            count = handle.readinto(buffer)
+            if not count:
+                raise EvomergeError(f"model {stored.file.parent}: {stored.file.name} was truncated while in use")
+            buffer = buffer[count:]
+    return tensor
 
 
 def _load_pickle(model: Path, file: Path) -> dict[str, Tensor]:
@@ -218,7 +238,7 @@ class CheckpointReader:
     def get(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Tensor:
         """The tensor ``name``, owned by the caller (in-place changes never reach the file or other readers)."""
         if name in self._stored:
-            tensor = _map_tensor(self._stored[name])
+            tensor = _read_tensor(self._stored[name])
         else:
             tensor = self._pickled(name)
             if dtype in (None, tensor.dtype):

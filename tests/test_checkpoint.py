@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import mmap
 import os
+import resource
 import struct
 import threading
 
@@ -190,10 +193,12 @@ def test_reader_maps_tensors_lazily_instead_of_reading_the_file(tmp_path):
     with open(tmp_path / "model.safetensors", "wb") as handle:
         handle.write(struct.pack("<Q", len(header)) + header)
         handle.truncate(8 + len(header) + 2**32)
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     reader = CheckpointReader(tmp_path)
     assert reader.shape("huge") == (65536, 32768)
     huge = reader.get("huge")
     assert huge[12345, :4].tolist() == [0.0] * 4
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - peak_before < 2**28
 
 
 def test_get_converts_dtype_on_request(tmp_path):
@@ -203,12 +208,41 @@ def test_get_converts_dtype_on_request(tmp_path):
     assert torch.equal(got, MIXED["embed.weight"].float())
 
 
-def test_in_place_changes_to_a_read_tensor_reach_neither_the_file_nor_later_reads(tmp_path):
-    out = write_checkpoint(tmp_path / "m", MIXED)
+@pytest.mark.parametrize("tensors", [MIXED, {"big": torch.randn(512, 1024)}], ids=["small", "big"])
+def test_in_place_changes_to_a_read_tensor_reach_neither_the_file_nor_later_reads(tmp_path, tensors):
+    out = write_checkpoint(tmp_path / "m", tensors)
     reader = CheckpointReader(out)
-    reader.get("layers.0.weight").add_(1)
-    assert torch.equal(reader.get("layers.0.weight"), MIXED["layers.0.weight"])
-    assert torch.equal(CheckpointReader(out).get("layers.0.weight"), MIXED["layers.0.weight"])
+    for name, expected in tensors.items():
+        reader.get(name).add_(1)
+        assert torch.equal(reader.get(name), expected)
+        assert torch.equal(CheckpointReader(out).get(name), expected)
+
+
+def test_reading_falls_back_to_copies_when_the_process_runs_out_of_mappings(tmp_path, monkeypatch):
+    big = {"big": torch.randn(512, 1024)}
+    reader = CheckpointReader(write_checkpoint(tmp_path / "m", big))
+
+    def out_of_mappings(*args, **kwargs):
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    monkeypatch.setattr(mmap, "mmap", out_of_mappings)
+    assert torch.equal(reader.get("big"), big["big"])
+
+
+def test_misaligned_tensors_are_read_into_aligned_memory(tmp_path):
+    """Other writers may not align data; kernels get aligned memory anyway."""
+    values = torch.randn(2**19)
+    header = json.dumps({"flag": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
+                         "values": {"dtype": "F32", "shape": [2**19], "data_offsets": [1, 1 + 2**21]}}).encode()
+    header += b" " * (-len(header) % 8)
+    (tmp_path / "config.json").write_text("{}")
+    data = values.view(torch.uint8).numpy().tobytes()
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\x07" + data)
+    reader = CheckpointReader(tmp_path)
+    got = reader.get("values")
+    assert got.data_ptr() % 4 == 0
+    assert torch.equal(got, values)
+    assert reader.get("flag").tolist() == [7]
 
 
 def test_reader_reads_a_plain_safetensors_file_written_by_safetensors(tmp_path):
