@@ -173,6 +173,10 @@ def load_recipe(source: str | Path | dict[str, Any]) -> Recipe:
             raise EvomergeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise EvomergeError(f"{where}: expected a mapping of recipe keys, got {type(data).__name__}")
+    if data.get("merge_method") == "moe":
+        from merge_core.moe import load_moe_recipe  # imported here: moe builds on the engine, which imports us
+
+        return load_moe_recipe(data, where)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
