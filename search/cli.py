@@ -176,7 +176,62 @@ def _add_report(sub) -> None:
     p.set_defaults(func=cmd_report)
 
 
-SUBCOMMANDS = [_add_merge, _add_search, _add_eval, _add_report]
+def _add_zoo(sub) -> None:
+    from search import zoo
+
+    p = sub.add_parser("zoo", help="the demo model family: a tiny Llama base and one fine-tune per skill")
+    actions = p.add_subparsers(dest="zoo_command", required=True)
+    build = actions.add_parser("build", help="train the family on CPU in minutes (cached: returns at once when built)")
+    build.add_argument("dir", nargs="?", default=str(zoo.DEFAULT_ZOO_DIR),
+                       help=f"output directory (default: {zoo.DEFAULT_ZOO_DIR})")
+    build.add_argument("--quiet", action="store_true", help="no training log")
+    build.set_defaults(func=lambda args: print(zoo.summary(zoo.build_zoo(args.dir, log=None if args.quiet else print))))
+    tasks = actions.add_parser("tasks", help="regenerate the lm-eval task YAMLs and JSONL splits of the zoo's skills")
+    tasks.add_argument("dir", nargs="?", default=str(zoo.TASKS_DIR), help="task directory (default: configs/tasks)")
+    tasks.set_defaults(func=lambda args: print(f"wrote {len(zoo.write_tasks(args.dir))} files under {args.dir}"))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job on the built-in family: build it (cached), search (resumes), report."""
+    from pathlib import Path
+
+    from search.config import load_search_config
+    from search.loop import search
+    from search.report import write_report
+    from search.zoo import build_zoo
+
+    config_path = Path(args.config)
+    root = config_path.resolve().parent.parent
+    config = load_search_config(config_path)
+    zoo_dir = root / "results" / "zoo"
+    print(f"1/3 demo family in {zoo_dir} (built once, then cached)", flush=True)
+    build_zoo(zoo_dir, log=lambda message: print(f"    {message}", flush=True))
+    print(f"2/3 search: {config.n_trials} trials of {config.method} over {len(config.models)} fine-tunes, "
+          f"study in {config.storage_url} (running again resumes)", flush=True)
+    include = root / config.include_path if config.include_path else None
+    config = config.model_copy(update={"output_dir": str(root / config.run_dir), "storage": args.storage,
+                                       "include_path": str(include) if include else None})
+    study = search(config, config_dir=root, progress=not args.quiet)
+    _print_outcome(study)
+    print("3/3 report", flush=True)
+    report = write_report(config.run_dir, storage=config.storage_url, study_name=config.study)
+    print(f"report: {report}\nleaderboard: {config.run_dir / 'leaderboard.md'}\n"
+          f"best recipe: {config.run_dir / 'best_recipe.yaml'}")
+    return 0
+
+
+def _add_demo(sub) -> None:
+    from pathlib import Path
+
+    default = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+    p = sub.add_parser("demo", help="build the demo family, search merges of it and write the report")
+    p.add_argument("--config", default=str(default), help=f"search config (default: {default})")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite under results/demo/)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_demo)
+
+
+SUBCOMMANDS = [_add_merge, _add_search, _add_eval, _add_report, _add_zoo, _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:
