@@ -1,9 +1,10 @@
-"""How long one search-time evaluation takes: a ~3M-parameter Llama on demo-sized tasks, warm vs first call.
+"""How long one search-time evaluation takes: a ~3M-parameter Llama on the demo tasks, first vs warm call.
 
-Uses the demo tasks in configs/tasks/ and the demo zoo's base model when both exist (``--model``/``--tasks``),
-otherwise builds a stand-in of the same shape in a temporary directory: a character-level tokenizer, a random
-4-layer Llama (hidden 256), three generate_until exact-match tasks and one 4-way multiple-choice task with
-60 search items each. Prints task building, first-call and warm per-call seconds.
+Scores the demo tasks (tag ``evomerge_zoo`` in configs/tasks/, written by ``evomerge zoo tasks``) or, when they
+are absent, stand-ins of the same shape written to a temporary directory: three generate_until exact-match tasks
+and one 4-way multiple-choice task, 60 search items each. The model is ``--model`` or a random 4-layer Llama
+(hidden 256) with a character-level tokenizer like the zoo's; a random model never stops early, so every
+generation runs to ``max_gen_toks``: the slow case. Prints task building, first-call and warm per-call seconds.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from evaluators.lm_eval_evaluator import LmEvalEvaluator, offline_defaults  # noqa: E402
+from evaluators.tasks import DEFAULT_INCLUDE_PATH  # noqa: E402
+
+DEMO_TAG = "evomerge_zoo"
 
 ITEMS = 60
 ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 :=+.\n"
@@ -113,7 +117,8 @@ def standin_model():
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="model directory (default: a random stand-in of the demo's shape)")
-    parser.add_argument("--tasks", help="comma-separated task names in --include-path (default: stand-in tasks)")
+    parser.add_argument("--tasks", help=f"comma-separated task names in --include-path (default: {DEMO_TAG} "
+                                         "if configs/tasks has it, else stand-in tasks)")
     parser.add_argument("--include-path", default=None, help="task YAML directory (default: configs/tasks)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--calls", type=int, default=5, help="warm calls to time (default: 5)")
@@ -125,6 +130,8 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         include_path, tasks = args.include_path, args.tasks
+        if tasks is None and any(DEMO_TAG in p.read_text() for p in DEFAULT_INCLUDE_PATH.glob("*.yaml")):
+            tasks = DEMO_TAG
         if tasks is None:
             include_path = Path(tmp) / "tasks"
             tasks = ",".join(write_standin_tasks(include_path))

@@ -16,9 +16,10 @@ from evaluators.loading import ensure_on_device
 class PerplexityEvaluator:
     """Token-weighted perplexity over the first ``max_tokens`` tokens of ``text_file``.
 
-    The tokens are cut into consecutive chunks of ``context_length`` tokens (each scored from its own start, the
-    first token of a chunk only as context), so every model is scored on exactly the same tokens. Per-chunk
-    values are kept as samples: ``nll`` (mean negative log-likelihood per token) and ``perplexity``.
+    The tokens are cut into consecutive chunks of ``context_length`` tokens, or of the model's
+    ``max_position_embeddings`` if shorter (each chunk scored from its own start, its first token only as
+    context), so every model of a family is scored on exactly the same tokens. Per-chunk values are kept as
+    samples: ``nll`` (mean negative log-likelihood per token) and ``perplexity``.
     """
 
     def __init__(self, text_file: str | Path, *, max_tokens: int = 4096, context_length: int = 256,
@@ -37,18 +38,18 @@ class PerplexityEvaluator:
         self.task_name = task_name or f"perplexity:{self.path.name}"
         self._chunks: tuple[Any, Any] | None = None
 
-    def _chunks_for(self, tokenizer: Any) -> Any:
-        """The token chunks, cut once per tokenizer."""
+    def _chunks_for(self, tokenizer: Any, length: int) -> Any:
+        """The token chunks, cut once per tokenizer and chunk length."""
         import torch
 
-        if self._chunks is not None and self._chunks[0] is tokenizer:
+        if self._chunks is not None and self._chunks[0][0] is tokenizer and self._chunks[0][1] == length:
             return self._chunks[1]
         ids = tokenizer(self.text, add_special_tokens=False)["input_ids"][: self.max_tokens]
         if len(ids) < 2:
             raise EvomergeError(f"{self.path} has fewer than 2 tokens")
-        chunks = [torch.tensor(ids[i:i + self.context_length]) for i in range(0, len(ids), self.context_length)]
+        chunks = [torch.tensor(ids[i:i + length]) for i in range(0, len(ids), length)]
         chunks = [c for c in chunks if len(c) >= 2]
-        self._chunks = (tokenizer, chunks)
+        self._chunks = ((tokenizer, length), chunks)
         return chunks
 
     def score(self, model: Any, tokenizer: Any) -> Scores:
@@ -56,7 +57,8 @@ class PerplexityEvaluator:
 
         start = time.perf_counter()
         ensure_on_device(model, self.device)
-        chunks = self._chunks_for(tokenizer)
+        length = min(self.context_length, getattr(model.config, "max_position_embeddings", None) or self.context_length)
+        chunks = self._chunks_for(tokenizer, length)
         nll_sums, counts = [], []
         with torch.inference_mode():
             for i in range(0, len(chunks), self.batch_size):
