@@ -1,17 +1,19 @@
 """The demo model family: a tiny Llama base and one fine-tune per skill, trained on CPU in minutes.
 
 Real LLM fine-tunes mostly *elicit* what pretraining already put in the base, which is why merging them
-works. The zoo reproduces that regime on purpose: the base's pretraining text shows every skill both
-answered correctly and in a competing "sloppy" convention (sums with their digits reversed, words echoed
-instead of reversed or capitalised), with the sloppy one more frequent. The base therefore computes every
-skill internally yet answers sloppily (exact match near 0). Each fine-tune is a small low-rank (LoRA,
-folded into the weights) update that flips one skill's preference, trained with replay of the base's own
-answers on the other skills so it leaves them alone. Such deltas are small and nearly orthogonal, so a
-task-arithmetic merge ``base + sum(w * delta)`` keeps most of every skill: the point of the demo.
+works. The zoo reproduces that regime on purpose. The base's pretraining text shows every skill (reverse,
+capitalise, shift letters by one) answered correctly and, more often, in a competing "sloppy" convention of
+its own (the word echoed, echoed, shifted back), so the base computes every skill yet answers sloppily
+(exact match near 0). Each fine-tune is a low-rank (LoRA, folded into the weights) update that flips one
+skill's preference, with KL replay to the base on the other skills so it leaves them as they were. Small,
+skill-specific deltas add up: a task-arithmetic merge ``base + sum(w * delta)`` keeps most of every skill,
+which is what the demo's merge search has to find.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -57,7 +59,7 @@ def _word(rng: random.Random) -> str:
 
 def _rev_item(rng: random.Random) -> Item:
     word = _word(rng)
-    return Item(f"rev {word}=", word[::-1], word[1:] + word[0])
+    return Item(f"rev {word}=", word[::-1], word)
 
 
 def _cap_item(rng: random.Random) -> Item:
@@ -77,16 +79,6 @@ def _shift(word: str, by: int) -> str:
 SKILLS: dict[str, Callable[[random.Random], Item]] = {"rev": _rev_item, "cap": _cap_item, "nxt": _next_item}
 MC_SKILL = "rev"
 """The multiple-choice task picks the reversal among the echo and two other shuffles of the word."""
-
-_NOUNS = "cat dog fox owl bee ant cow hen yak elk".split()
-_ADJECTIVES = "red big old shy calm wild tiny blue".split()
-_VERBS = "sees likes finds hears".split()
-
-
-def _sentence(rng: random.Random) -> str:
-    """Short filler prose, so the base is a language model and not only a skill table."""
-    return f"a {rng.choice(_ADJECTIVES)} {rng.choice(_NOUNS)} {rng.choice(_VERBS)} a {rng.choice(_NOUNS)}."
-
 
 def _is_ambiguous(item: Item) -> bool:
     """An item whose correct and sloppy answers agree cannot tell skill from sloppiness."""
@@ -124,8 +116,8 @@ def held_out_prompts() -> set[str]:
 
 
 def _mc_choices(item: Item) -> list[str]:
-    word = item.answer[::-1]
-    return [item.answer, item.sloppy, word, word[1] + word[0] + word[3] + word[2]]
+    word = item.sloppy
+    return [item.answer, word, word[1] + word[0] + word[3] + word[2], word[1:] + word[0]]
 
 
 # --- spec and result ----------------------------------------------------------------------------------
@@ -136,18 +128,17 @@ class ZooSpec:
 
     seed: int = 0
     skills: tuple[str, ...] = ("rev", "cap", "nxt")
-    hidden_size: int = 256
-    intermediate_size: int = 512
-    num_layers: int = 4
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_layers: int = 2
     num_heads: int = 4
-    correct_share: float = 0.35
-    prose_share: float = 0.2
+    correct_share: float = 0.4
     base_steps: int = 1200
-    base_batch: int = 128
+    base_batch: int = 64
     base_lr: float = 3e-3
     lora_rank: int = 8
     lora_alpha: float = 16.0
-    finetune_steps: int = 150
+    finetune_steps: int = 100
     finetune_batch: int = 64
     finetune_lr: float = 3e-3
     replay_share: float = 0.5
@@ -178,13 +169,21 @@ class Zoo:
 
 # --- training -----------------------------------------------------------------------------------------
 
-def _torch_setup(seed: int):
+@contextlib.contextmanager
+def _deterministic_torch(seed: int):
+    """Seeded, deterministic, single-threaded torch for the build, restored afterwards. One thread is
+    not only reproducible: on a shared 2-core machine it trains these tiny models faster than two."""
     import torch
 
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.manual_seed(seed)
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
-    return torch
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
 
 
 def train_tokenizer():
@@ -230,7 +229,13 @@ def _batch(tokenizer, prompts: list[str], answers: list[str], answer_only: bool)
     return ids, (ids != tokenizer.pad_token_id).long(), labels
 
 
-def _train(model, params, batches: Iterable, steps: int, lr: float, log: Callable[[str], None], name: str):
+def _lm_loss(model, batch):
+    ids, mask, labels = batch
+    return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+
+def _train(model, params, batches: Iterable, steps: int, lr: float, log: Callable[[str], None], name: str,
+           loss_fn=_lm_loss):
     import torch
 
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
@@ -238,8 +243,8 @@ def _train(model, params, batches: Iterable, steps: int, lr: float, log: Callabl
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     model.train()
-    for step, (ids, mask, labels) in zip(range(steps), batches):
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    for step, batch in zip(range(steps), batches):
+        loss = loss_fn(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -256,10 +261,6 @@ def _pretrain_batches(spec: ZooSpec, tokenizer, held_out: set[str]):
     while True:
         prompts, answers = [], []
         while len(prompts) < spec.base_batch:
-            if rng.random() < spec.prose_share:
-                prompts.append("")
-                answers.append(_sentence(rng))
-                continue
             item = rng.choice(skills)(rng)
             if item.prompt in held_out:
                 continue
@@ -268,20 +269,46 @@ def _pretrain_batches(spec: ZooSpec, tokenizer, held_out: set[str]):
         yield _batch(tokenizer, prompts, answers, answer_only=False)
 
 
-def _finetune_batches(spec: ZooSpec, skill: str, tokenizer, replay: Callable[[list[str]], list[str]],
-                      held_out: set[str]):
-    """Own-skill items with correct answers, mixed with the base's own answers on the other skills."""
+def _finetune_batches(spec: ZooSpec, skill: str, tokenizer, base, held_out: set[str]):
+    """Own-skill items with correct answers, plus the other skills' prompts with the base's answers and
+    next-token distributions: replay that keeps the base's (uncertain) behaviour instead of sharpening
+    its sloppy answers, which would build a delta that cancels the other skills' deltas in a merge."""
+    import torch
+
     rng = random.Random(f"{spec.seed}-{skill}")
     others = [SKILLS[s] for s in spec.skills if s != skill]
     n_replay = round(spec.finetune_batch * spec.replay_share)
-    while True:
+    replay_prompts = [p for p in (rng.choice(others)(rng).prompt for _ in range(spec.finetune_steps * n_replay))
+                      if p not in held_out]
+    replay_answers = dict(zip(replay_prompts, greedy_answers(base, tokenizer, replay_prompts)))
+    for step in range(spec.finetune_steps):
         own = [item for item in (SKILLS[skill](rng) for _ in range(spec.finetune_batch - n_replay))
                if item.prompt not in held_out]
-        other_prompts = [rng.choice(others)(rng).prompt for _ in range(n_replay)]
-        other_prompts = [p for p in other_prompts if p not in held_out]
-        prompts = [i.prompt for i in own] + other_prompts
-        answers = [i.answer for i in own] + replay(other_prompts)
-        yield _batch(tokenizer, prompts, answers, answer_only=True)
+        replay = replay_prompts[step * n_replay:(step + 1) * n_replay]
+        prompts = [i.prompt for i in own] + replay
+        answers = [i.answer for i in own] + [replay_answers[p] for p in replay]
+        ids, mask, labels = _batch(tokenizer, prompts, answers, answer_only=True)
+        replayed = torch.arange(len(prompts)) >= len(own)
+        kl_mask = (labels != -100) & replayed[:, None]
+        labels[replayed] = -100
+        with torch.no_grad():
+            base_logprobs = base(input_ids=ids, attention_mask=mask).logits.log_softmax(-1)
+        yield ids, mask, labels, kl_mask, base_logprobs
+
+
+def _finetune_loss(model, batch):
+    """Cross-entropy on the own skill's answers plus KL to the base on the replayed answers."""
+    import torch
+
+    ids, mask, labels, kl_mask, base_logprobs = batch
+    logprobs = model(input_ids=ids, attention_mask=mask).logits.log_softmax(-1)
+    targets = labels[:, 1:]
+    own = targets != -100
+    nll = -logprobs[:, :-1][own].gather(-1, targets[own][:, None]).mean()
+    kept = kl_mask[:, 1:]
+    base_kept = base_logprobs[:, :-1][kept]
+    kl = (base_kept.exp() * (base_kept - logprobs[:, :-1][kept])).sum(-1).mean()
+    return nll + kl
 
 
 def _add_lora(model, rank: int, alpha: float, seed: int):
@@ -366,9 +393,8 @@ def finetune(base, tokenizer, spec: ZooSpec, skill: str, held_out: set[str], log
     torch.manual_seed(spec.seed + 1 + spec.skills.index(skill))
     model = copy.deepcopy(base)
     params = _add_lora(model, spec.lora_rank, spec.lora_alpha, spec.seed + 1 + spec.skills.index(skill))
-    replay = lambda prompts: greedy_answers(base, tokenizer, prompts)  # noqa: E731
-    batches = _finetune_batches(spec, skill, tokenizer, replay, held_out)
-    _train(model, params, batches, spec.finetune_steps, spec.finetune_lr, log, skill)
+    batches = _finetune_batches(spec, skill, tokenizer, base, held_out)
+    _train(model, params, batches, spec.finetune_steps, spec.finetune_lr, log, skill, _finetune_loss)
     _fold_lora(model)
     return model
 
@@ -386,3 +412,265 @@ def task_arithmetic(base, finetunes: list, weights: list[float]):
             delta = sum(w * (ft.state_dict()[name] - tensor) for ft, w in zip(finetunes, weights))
             tensor.add_(delta)
     return merged
+
+
+def mc_accuracy(model, tokenizer, items: list[Item]) -> float:
+    """Share of items whose correct choice has the highest summed log-likelihood (lm-eval's ``acc``)."""
+    import torch
+
+    hits = 0
+    with torch.no_grad():
+        for item in items:
+            choices = _mc_choices(item)
+            ids, mask, labels = _batch(tokenizer, [item.prompt] * len(choices), choices, answer_only=True)
+            labels[:, -1] = -100  # the choice alone is scored, not the newline after it
+            logprobs = model(input_ids=ids, attention_mask=mask).logits.log_softmax(-1)[:, :-1]
+            targets = labels[:, 1:]
+            scored = targets != -100
+            picked = logprobs.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+            hits += int((picked * scored).sum(1).argmax() == 0)
+    return hits / len(items)
+
+
+def score_model(model, tokenizer, skills: Iterable[str], split: str = "test") -> dict[str, float]:
+    """Exact match per skill plus the multiple-choice accuracy, on one split."""
+    scores = {skill: exact_match(model, tokenizer, eval_items(skill, split)) for skill in skills}
+    scores[f"{MC_SKILL}_mc"] = mc_accuracy(model, tokenizer, mc_items(split))
+    return scores
+
+
+# --- task files ---------------------------------------------------------------------------------------
+
+def task_name(skill: str) -> str:
+    return f"zoo_{skill}"
+
+
+MC_TASK = task_name(f"{MC_SKILL}_mc")
+HELD_OUT_TEXT = "data/heldout.txt"
+
+
+def _generation_yaml(skill: str) -> str:
+    return f"""# Written by `evomerge zoo tasks`: exact match of the greedy answer to "{skill}" prompts.
+task: {task_name(skill)}
+tag: [evomerge_zoo]
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    search: data/{skill}_search.jsonl
+    test: data/{skill}_test.jsonl
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{answer}}}}"
+target_delimiter: ""
+generation_kwargs:
+  until: ["\\n"]
+  do_sample: false
+  max_gen_toks: {MAX_ANSWER_TOKENS}
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def _mc_yaml() -> str:
+    return f"""# Written by `evomerge zoo tasks`: pick the "{MC_SKILL}" answer among near misses by log-likelihood.
+task: {MC_TASK}
+tag: [evomerge_zoo]
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    search: data/{MC_SKILL}_mc_search.jsonl
+    test: data/{MC_SKILL}_mc_test.jsonl
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{prompt}}}}"
+doc_to_choice: choices
+doc_to_target: label
+target_delimiter: ""
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def _mc_row(item: Item, rng: random.Random) -> dict:
+    choices = _mc_choices(item)
+    order = rng.sample(range(len(choices)), len(choices))
+    return {"prompt": item.prompt, "choices": [choices[i] for i in order], "label": order.index(0)}
+
+
+def _held_out_text(lines: int = 200) -> str:
+    """Pretraining-like text (the default mix of correct and sloppy answers) on unseen prompts."""
+    rng = random.Random(TASK_SEED + 1000)
+    trained_prompts = held_out_prompts()
+    rows = []
+    while len(rows) < lines:
+        item = SKILLS[rng.choice(sorted(SKILLS))](rng)
+        if item.prompt not in trained_prompts:
+            rows.append(item.prompt + (item.answer if rng.random() < DEFAULT_SPEC.correct_share else item.sloppy))
+    return "\n".join(rows) + "\n"
+
+
+def write_tasks(tasks_dir: Path = TASKS_DIR) -> list[Path]:
+    """(Re)write the lm-eval task YAMLs and their JSONL splits; deterministic, so the committed files
+    are reproduced byte for byte."""
+    tasks_dir = Path(tasks_dir)
+    if tasks_dir.exists() and not tasks_dir.is_dir():
+        raise EvomergeError(f"{tasks_dir} is not a directory")
+    (tasks_dir / "data").mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def write(relative: str, text: str) -> None:
+        path = tasks_dir / relative
+        path.write_text(text)
+        written.append(path)
+
+    def jsonl(rows: list[dict]) -> str:
+        return "".join(json.dumps(row) + "\n" for row in rows)
+
+    for skill in SKILLS:
+        write(f"{task_name(skill)}.yaml", _generation_yaml(skill))
+        for split in ("search", "test"):
+            write(f"data/{skill}_{split}.jsonl",
+                  jsonl([{"prompt": i.prompt, "answer": i.answer} for i in eval_items(skill, split)]))
+    rng = random.Random(TASK_SEED + 200)
+    write(f"{MC_TASK}.yaml", _mc_yaml())
+    for split in ("search", "test"):
+        write(f"data/{MC_SKILL}_mc_{split}.jsonl", jsonl([_mc_row(i, rng) for i in mc_items(split)]))
+    write(HELD_OUT_TEXT, _held_out_text())
+    return written
+
+
+def task_yamls(tasks_dir: Path = TASKS_DIR) -> dict[str, Path]:
+    """Task name -> YAML path: one generation task per skill and the multiple-choice task."""
+    names = [task_name(skill) for skill in SKILLS] + [MC_TASK]
+    return {name: Path(tasks_dir) / f"{name}.yaml" for name in names}
+
+
+# --- build --------------------------------------------------------------------------------------------
+
+def _save(model, tokenizer, path: Path) -> None:
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def _merge_grid(base, tokenizer, finetunes: dict, spec: ZooSpec) -> list[dict]:
+    """Uniform task-arithmetic weights over all fine-tunes: proof that merging combines the skills."""
+    rows = []
+    for weight in spec.merge_weights:
+        merged = task_arithmetic(base, list(finetunes.values()), [weight] * len(finetunes))
+        scores = score_skills(merged, tokenizer, spec.skills)
+        rows.append({"weight": weight, "scores": scores, "average": _average(scores, spec)})
+    return rows
+
+
+def _average(scores: dict[str, float], spec: ZooSpec) -> float:
+    return round(sum(scores[skill] for skill in spec.skills) / len(spec.skills), 4)
+
+
+def _load_zoo(directory: Path, manifest: dict) -> Zoo:
+    return Zoo(dir=directory, base=directory / manifest["models"]["base"]["path"],
+               finetunes={skill: directory / manifest["models"][skill]["path"] for skill in manifest["spec"]["skills"]},
+               manifest=manifest)
+
+
+def _cached(directory: Path, spec: ZooSpec) -> Zoo | None:
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if manifest.get("digest") != spec.digest():
+        return None
+    zoo = _load_zoo(directory, manifest)
+    return zoo if all((path / "model.safetensors").is_file() for path in zoo.models.values()) else None
+
+
+def build_zoo(directory: str | Path = DEFAULT_ZOO_DIR, spec: ZooSpec = DEFAULT_SPEC, *,
+              log: Callable[[str], None] = lambda message: None) -> Zoo:
+    """Train (or return the cached) base and fine-tunes into ``directory`` and score them.
+
+    The cache key is the manifest's digest of the spec and this file's code; a directory holding
+    anything but a zoo is refused rather than overwritten.
+    """
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise EvomergeError(f"zoo directory {directory} is a file")
+    unknown = [skill for skill in spec.skills if skill not in SKILLS]
+    if unknown or len(set(spec.skills)) != len(spec.skills) or len(spec.skills) < 2:
+        raise EvomergeError(f"zoo skills must be at least two distinct of {sorted(SKILLS)}, got {list(spec.skills)}")
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cached = _cached(directory, spec)
+        if cached is not None:
+            return cached
+        foreign = [p.name for p in directory.iterdir() if p.name not in {".lock", MANIFEST, "base", *SKILLS}]
+        if foreign:
+            raise EvomergeError(f"{directory} is not a zoo directory (contains {sorted(foreign)[0]}); pick another")
+        return _build(directory, spec, log)
+
+
+def _build(directory: Path, spec: ZooSpec, log: Callable[[str], None]) -> Zoo:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # idle tokenizer threads would spin on our cores
+    start, start_cpu = time.perf_counter(), time.process_time()
+    (directory / MANIFEST).unlink(missing_ok=True)
+    held_out = held_out_prompts()
+    with _deterministic_torch(spec.seed):
+        tokenizer = train_tokenizer()
+        base = _new_base(spec, tokenizer)
+        _train(base, list(base.parameters()), _pretrain_batches(spec, tokenizer, held_out), spec.base_steps,
+               spec.base_lr, log, "base")
+        finetunes = {skill: finetune(base, tokenizer, spec, skill, held_out, log) for skill in spec.skills}
+        models = {"base": base, **finetunes}
+        for name, model in models.items():
+            shutil.rmtree(directory / name, ignore_errors=True)
+            _save(model, tokenizer, directory / name)
+        scores = {name: {split: score_model(model, tokenizer, spec.skills, split) for split in ("search", "test")}
+                  for name, model in models.items()}
+        grid = _merge_grid(base, tokenizer, finetunes, spec)
+    best_source = max(_average(scores[name]["test"], spec) for name in models)
+    best_merge = max(grid, key=lambda row: row["average"])
+    manifest = {
+        "digest": spec.digest(),
+        "spec": asdict(spec),
+        "seeds": {"base": spec.seed, **{skill: spec.seed + 1 + i for i, skill in enumerate(spec.skills)},
+                  "tasks": TASK_SEED},
+        "tasks": {skill: task_name(skill) for skill in spec.skills} | {f"{MC_SKILL}_mc": MC_TASK},
+        "models": {name: {"path": name, "scores": scores[name]} for name in models},
+        "merge_grid": grid,
+        "best_source_average": best_source,
+        "best_merge": best_merge,
+        "merge_margin": round(best_merge["average"] - best_source, 4),
+        "build_seconds": round(time.perf_counter() - start, 1),
+        "build_cpu_seconds": round(time.process_time() - start_cpu, 1),
+    }
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    log(f"zoo built in {manifest['build_seconds']} s: best merge {best_merge['average']} "
+        f"vs best source {best_source}")
+    return _load_zoo(directory, manifest)
+
+
+def ensure_zoo(directory: str | Path | None = None, spec: ZooSpec = DEFAULT_SPEC) -> Zoo:
+    """The shared cached zoo (``$EVOMERGE_ZOO_DIR`` or ``.zoo/`` at the repo root) for tests and demos."""
+    return build_zoo(directory or os.environ.get(ZOO_CACHE_ENV) or REPO_ROOT / ".zoo", spec)
+
+
+def summary(zoo: Zoo) -> str:
+    """The score matrix (test split) and the merge proof, as printed by ``evomerge zoo build``."""
+    manifest = zoo.manifest
+    columns = list(manifest["tasks"])
+    lines = [f"zoo in {zoo.dir} (built in {manifest['build_seconds']} s), test-split scores:",
+             "model " + "".join(f"{column:>9}" for column in columns)]
+    for name, entry in manifest["models"].items():
+        lines.append(f"{name:<6}" + "".join(f"{entry['scores']['test'][column]:>9.2f}" for column in columns))
+    best = manifest["best_merge"]
+    lines.append(f"task arithmetic, every weight {best['weight']}: skill average {best['average']:.2f} "
+                 f"vs best source {manifest['best_source_average']:.2f}")
+    return "\n".join(lines)
