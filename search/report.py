@@ -458,6 +458,7 @@ def write_report(run_dir: str | Path, *, storage: str | None = None, study_name:
     run_dir = Path(run_dir)
     storage = storage or default_storage(run_dir)
     study = open_study(run_dir, storage, study_name)
+    run_dir.mkdir(parents=True, exist_ok=True)  # a study in a server database may have no run directory yet
     storage_url = _public_url(storage)
     config = study_config(study)
     ranked = completed_trials(study)

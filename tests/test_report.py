@@ -265,3 +265,38 @@ def test_report_of_a_study_without_completed_trials_is_one_line_exit_2(fam, tmp_
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "evomerge report: error: study 'r' has no completed trial yet (0 running, 1 failed)"
+
+
+def test_test_split_columns_are_lm_eval_scores_of_each_rows_model(tmp_path):
+    """The real path: lm-eval fixture tasks, the search split scored by the search, the test split by the report."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evaluators import LmEvalEvaluator
+    from tests.test_evaluators import FIXTURE_TASKS, make_tiny_model
+
+    base, tokenizer = make_tiny_model(tmp_path / "base")
+    fam = {"base": str(tmp_path / "base")}
+    for i in (1, 2):
+        generator = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            tuned = {n: t + 0.5 * torch.randn(t.shape, generator=generator) for n, t in base.state_dict().items()}
+        model = AutoModelForCausalLM.from_pretrained(fam["base"])
+        model.load_state_dict(tuned)
+        model.save_pretrained(tmp_path / f"ft{i}")
+        tokenizer.save_pretrained(tmp_path / f"ft{i}")
+        fam[f"ft{i}"] = str(tmp_path / f"ft{i}")
+    run_dir = tmp_path / "run"
+    config = config_for(fam, run_dir, n_trials=2, include_path=str(FIXTURE_TASKS), batch_size=8,
+                        tasks=[{"name": "fx_pick"}, {"name": "fx_yesno"}])
+    study = search(config, progress=False)
+    write_report(run_dir)
+    table = pd.read_csv(run_dir / "leaderboard.csv").set_index("model")
+
+    on_test = LmEvalEvaluator(["fx_pick", "fx_yesno"], include_path=FIXTURE_TASKS, split="test", batch_size=8)
+    source = on_test.score(AutoModelForCausalLM.from_pretrained(fam["ft1"]), AutoTokenizer.from_pretrained(fam["ft1"]))
+    assert table.loc["ft1", "average (test)"] == pytest.approx(objective_of(source, config))
+    assert main(["merge", str(run_dir / "best_recipe.yaml"), str(tmp_path / "best"), "--quiet"]) == 0
+    best = on_test.score(AutoModelForCausalLM.from_pretrained(tmp_path / "best"), tokenizer)
+    assert table.loc[f"trial {study.best_trial.number}", "average (test)"] == pytest.approx(objective_of(best, config))
+    assert table.loc["ft1", "fx_pick acc (search)"] == study.user_attrs["baselines"]["ft1"]["scores"]["tasks"][
+        "fx_pick"]["metrics"]["acc"]
