@@ -135,6 +135,25 @@ def test_scores_have_lm_eval_metrics_directions_and_per_document_values(tiny, ev
     assert scores.seconds > 0
 
 
+def test_scores_equal_a_plain_lm_eval_run(tiny, monkeypatch):
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    _, model, tokenizer = tiny
+    ours = LmEvalEvaluator(["fx_pick", "fx_yesno"], include_path=FIXTURE_TASKS, split="test").score(model, tokenizer)
+    monkeypatch.chdir(FIXTURE_TASKS)  # plain lm-eval reads data_files relative to the working directory
+    theirs = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=32),
+                             tasks=["fx_pick", "fx_yesno"], bootstrap_iters=0,
+                             task_manager=TaskManager(include_path=str(FIXTURE_TASKS), include_defaults=False))
+    for task, filter_name in [("fx_pick", "none"), ("fx_yesno", "first_word")]:
+        for metric, value in ours.tasks[task].metrics.items():
+            assert value == pytest.approx(theirs["results"][task][f"{metric},{filter_name}"])
+        for metric, values in ours.tasks[task].samples.items():
+            logged = sorted(theirs["samples"][task], key=lambda sample: sample["doc_id"])
+            assert values == [float(sample[metric]) for sample in logged]
+
+
 def test_weights_changed_in_place_are_scored_and_restoring_them_restores_the_score(tiny, evaluator):
     _, model, tokenizer = tiny
     before = evaluator.score(model, tokenizer).tasks["fx_pick"]
