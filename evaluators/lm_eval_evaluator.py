@@ -86,7 +86,7 @@ class _Requests:
 
     tokenizer: Any
     by_type: dict[str, list]
-    docs: dict[str, list[tuple[int, dict, list]]]  # task → (doc_id, doc, its instances in order)
+    docs: dict[str, list[tuple[dict, list]]]  # task → (doc, its instances in order), in document order
 
 
 class LmEvalEvaluator:
@@ -234,12 +234,12 @@ class LmEvalEvaluator:
             for instance in task.instances:
                 by_type[instance.request_type].append(instance)
                 per_doc[instance.doc_id].append(instance)
-            docs[name] = [(doc_id, doc, sorted(per_doc[doc_id], key=lambda inst: inst.idx))
+            docs[name] = [(doc, sorted(per_doc[doc_id], key=lambda inst: inst.idx))
                           for doc_id, doc in task.doc_iterator(rank=0, limit=limit, world_size=1)]
         self._requests = _Requests(tokenizer=tokenizer, by_type=dict(by_type), docs=docs)
         return self._requests
 
-    def _task_score(self, name: str, docs: list[tuple[int, dict, list]]) -> TaskScore:
+    def _task_score(self, name: str, docs: list[tuple[dict, list]]) -> TaskScore:
         """lm-eval's filters, per-document ``process_results`` and aggregations, per-document values kept."""
         from lm_eval.api.metrics import mean
         from lm_eval.api.registry import is_higher_better
@@ -249,7 +249,7 @@ class LmEvalEvaluator:
         filters = [f.name for f in task._filters]
         per_doc: dict[str, list] = defaultdict(list)
         for filter_name in filters:
-            for _, doc, instances in docs:
+            for doc, instances in docs:
                 results = task.process_results(doc, [inst.filtered_resps[filter_name] for inst in instances])
                 for metric, value in results.items():
                     per_doc[metric if len(filters) == 1 else f"{metric},{filter_name}"].append(value)
