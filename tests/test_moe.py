@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-
 import pytest
 import torch
 import yaml
@@ -13,6 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from merge_core import load_recipe, merge
+from search.cli import main
 from tests.families import make_family
 
 
@@ -40,8 +38,11 @@ def run_mergekit_moe(recipe: dict, out) -> dict[str, torch.Tensor]:
     return load_file(out / "model.safetensors")
 
 
-def evomerge(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "search.cli", *map(str, args)], capture_output=True, text=True)
+def evomerge(capsys, *args) -> tuple[int, str]:
+    """(exit code, stderr) of the CLI, run in-process (a subprocess costs seconds of imports)."""
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("gate_mode", ["hidden", "hidden_avg", "cheap_embed"])
@@ -73,15 +74,15 @@ def test_experts_hold_each_source_mlp(fam, tmp_path):
     assert got["model.layers.0.mlp.gate.weight"].shape == (3, 32)
 
 
-def test_seed_recipe_runs_unchanged_and_generates(fam, tmp_path):
+def test_seed_recipe_runs_unchanged_and_generates(fam, tmp_path, capsys):
     recipe = {"merge_method": "moe", "base_model": fam["base"], "dtype": "bfloat16", "experts": [
         {"source_model": fam["ft1"], "positive_prompts": ["math", "calculate"]},
         {"source_model": fam["ft2"], "positive_prompts": ["chat", "conversation"]},
         {"source_model": fam["ft3"], "positive_prompts": ["code", "python"]}]}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    result = evomerge("merge", path, tmp_path / "out", "--quiet")
-    assert result.returncode == 0, result.stderr
+    code, err = evomerge(capsys, "merge", path, tmp_path / "out", "--quiet")
+    assert code == 0, err
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert type(model).__name__ == "MixtralForCausalLM" and model.dtype == torch.bfloat16
     assert model.config.num_experts_per_tok == 2
@@ -150,12 +151,12 @@ def _bad_cases(fam) -> dict[str, tuple[dict, str]]:
     }
 
 
-def test_bad_input_is_one_line_exit_2(fam, tmp_path):
+def test_bad_input_is_one_line_exit_2(fam, tmp_path, capsys):
     for case, (recipe, expected) in _bad_cases(fam).items():
         path = tmp_path / "recipe.yaml"
         path.write_text(yaml.safe_dump(recipe))
-        result = evomerge("merge", path, tmp_path / "out", "--quiet")
-        lines = result.stderr.strip().splitlines()
-        assert result.returncode == 2 and len(lines) == 1, f"{case}: {result.stderr}"
+        code, err = evomerge(capsys, "merge", path, tmp_path / "out", "--quiet")
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1, f"{case}: {err}"
         assert expected in lines[0], f"{case}: {lines[0]}"
         assert not (tmp_path / "out").exists(), case

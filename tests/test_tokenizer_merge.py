@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from merge_core import load_recipe, merge
 from merge_core.errors import EvomergeError
+from search.cli import main
 from tests.families import make_family
 
 EMBEDDINGS = ("model.embed_tokens.weight", "lm_head.weight")
@@ -137,15 +136,13 @@ def test_rows_equal_mergekit(fam, tmp_path, case):
         assert torch.allclose(weights[EMBEDDINGS[0]][-1], reference[EMBEDDINGS[0]][-1], atol=1e-6)
 
 
-def test_seed_recipe_without_weights_averages(fam, tmp_path):
+def test_seed_recipe_without_weights_averages(fam, tmp_path, capsys):
     """The seeds' tokenizer recipe gives linear no weights: mergekit refuses it, evomerge averages."""
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
         {"model": fam["base"]}, {"model": fam["reordered"]}],
         "tokenizer": {"source": "union", "tokens": {SPECIAL: {"source": fam["reordered"]}}}}))
-    result = subprocess.run([sys.executable, "-m", "search.cli", "merge", recipe, tmp_path / "out", "--quiet"],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    assert main(["merge", str(recipe), str(tmp_path / "out"), "--quiet"]) == 0, capsys.readouterr().err
     got = rows_by_token(tmp_path / "out")
     base, reordered = source_rows(fam["base"]), source_rows(fam["reordered"])
     for token in base[EMBEDDINGS[0]]:
@@ -164,11 +161,9 @@ def test_same_vocabulary_without_rule_still_refuses_different_sizes(fam, tmp_pat
     ({"tokenizer": {"source": "union", "tokens": {SPECIAL: {"source": "someone/else"}}}},
      f"tokenizer.tokens.{SPECIAL}.source: someone/else is not one of the recipe's models"),
 ])
-def test_token_source_not_among_models_is_one_line_exit_2(fam, tmp_path, tokenizer, expected):
+def test_token_source_not_among_models_is_one_line_exit_2(fam, tmp_path, capsys, tokenizer, expected):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(linear(fam, **tokenizer)))
-    result = subprocess.run([sys.executable, "-m", "search.cli", "merge", recipe, tmp_path / "out", "--quiet"],
-                            capture_output=True, text=True)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"evomerge merge: error: {expected}"]
+    assert main(["merge", str(recipe), str(tmp_path / "out"), "--quiet"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"evomerge merge: error: {expected}"]
     assert not (tmp_path / "out").exists()
