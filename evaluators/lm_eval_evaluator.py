@@ -10,6 +10,7 @@ filters, ``process_results`` and aggregations turn the responses into metrics.
 from __future__ import annotations
 
 import contextlib
+import functools
 import numbers
 import os
 import time
@@ -36,6 +37,7 @@ def offline_defaults() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@functools.lru_cache(maxsize=1)
 def _live_hflm_class():
     """``HFLM`` that memoizes tokenization (prompts never change between candidates) and decodes greedily
     with one fixed generation config, whatever ``generation_config.json`` each model came with."""
