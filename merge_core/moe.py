@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Literal
@@ -143,7 +144,13 @@ def router_weights(recipe: MoERecipe, base_path: Path, base: CheckpointReader, e
         def represent(prompts):
             return _cheap_embedding(embed, _prompt_batch(tokenizer, prompts), layers)
     else:
+        from transformers.utils import logging as hf_logging
+
+        bars_were_on = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # one model load: no bar in the merge's output
         model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.bfloat16).to(device)
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
 
         def represent(prompts):
             batch = _prompt_batch(tokenizer, prompts).to(device)
@@ -278,6 +285,9 @@ def merge_moe(recipe: MoERecipe, out_dir: str | Path, *, device: str = "cpu", dt
     if dtype is not None and dtype not in engine.DTYPES:
         raise EvomergeError(f"--dtype: unknown dtype {dtype!r} (use one of {', '.join(engine.DTYPES)})")
     max_shard = parse_size(out_shard_size)
+    noisy = any(e.noise_scale for e in recipe.experts + (recipe.shared_experts or []))
+    if seed is None and (noisy or recipe.gate_mode in ("random", "uniform_random")):
+        seed = int.from_bytes(os.urandom(4), "little")  # recorded in the model card, so the output can be redone
     with atomic_output_dir(out_dir, force=force) as tmp:
         paths = {ref: engine.resolve_model_path(ref, recipe_dir) for ref in recipe.referenced_models()}
         readers = {ref: CheckpointReader(path, allow_pickle=allow_pickle) for ref, path in paths.items()}
