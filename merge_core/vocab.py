@@ -133,6 +133,23 @@ def _check_rules(rules: dict[str, TokenEmbedding], models: list[str]) -> None:
             raise EvomergeError(f"tokenizer.tokens.{token}.source: give exactly one of token or token_id")
 
 
+def _check_rule_rows(rules: dict[str, TokenEmbedding], token_ids: dict[str, int], source_rows: dict[str, torch.Tensor],
+                     model_vocabs: dict[str, dict[str, int]], vocab_sizes: dict[str, int]) -> None:
+    """Every row a token rule names exists in its model."""
+    for token, rule in rules.items():
+        source = rule.source
+        where = f"tokenizer.tokens.{token}.source"
+        if isinstance(source, ModelTokenSource) and source.token is not None \
+                and source.token not in model_vocabs[source.model]:
+            raise EvomergeError(f"{where}: token {source.token!r} is not in {source.model}'s vocabulary")
+        if isinstance(source, ModelTokenSource) and source.token_id is not None \
+                and not 0 <= source.token_id < vocab_sizes[source.model]:
+            raise EvomergeError(f"{where}: token_id {source.token_id} is outside {source.model}'s "
+                                f"{vocab_sizes[source.model]} rows")
+        if isinstance(source, str) and source_rows[source][token_ids[token]] < 0:
+            raise EvomergeError(f"{where}: {source} has no token {token!r}")
+
+
 def _union(base_tokenizer, tokenizers: dict, vocab_sizes: dict[str, int]) -> None:
     """Add to ``base_tokenizer`` every token another model has (special tokens keep their settings)."""
     known = set(base_tokenizer.get_vocab())
@@ -179,11 +196,5 @@ def build_vocabulary(recipe: Recipe, paths: dict[str, Path], configs: dict[str, 
             if index < vocab_sizes[m]:
                 mapping[token_id] = index
         source_rows[m] = mapping
-    for token, rule_ in rules.items():
-        if isinstance(rule_.source, ModelTokenSource) and rule_.source.token is not None \
-                and rule_.source.token not in model_vocabs[rule_.source.model]:
-            raise EvomergeError(f"tokenizer.tokens.{token}.source: token {rule_.source.token!r} "
-                                f"is not in {rule_.source.model}'s vocabulary")
-        if isinstance(rule_.source, str) and source_rows[rule_.source][token_ids[token]] < 0:
-            raise EvomergeError(f"tokenizer.tokens.{token}.source: {rule_.source} has no token {token!r}")
+    _check_rule_rows(rules, token_ids, source_rows, model_vocabs, vocab_sizes)
     return Vocabulary(output, token_ids, rows, source_rows, model_vocabs, rules)

@@ -167,3 +167,15 @@ def test_token_source_not_among_models_is_one_line_exit_2(fam, tmp_path, capsys,
     assert main(["merge", str(recipe), str(tmp_path / "out"), "--quiet"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"evomerge merge: error: {expected}"]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("rule", "expected"), [
+    ({"source": "MODEL"}, "has no token 't_nowhere'"),
+    ({"source": {"kind": "model_token", "model": "MODEL", "token": "t_gone"}}, "token 't_gone' is not in"),
+    ({"source": {"kind": "model_token", "model": "MODEL", "token_id": 500}}, "token_id 500 is outside"),
+])
+def test_token_rules_naming_missing_rows_are_refused(fam, tmp_path, rule, expected):
+    rule = json.loads(json.dumps(rule).replace("MODEL", fam["base"]))
+    recipe = linear(fam, tokenizer={"source": "union", "tokens": {"t_nowhere": rule}})
+    with pytest.raises(EvomergeError, match=expected):
+        merge(load_recipe(recipe), tmp_path / "out")
