@@ -25,7 +25,6 @@ from evaluators.base import Scores, TaskScore
 from evaluators.loading import ensure_on_device
 from evaluators.tasks import DEFAULT_INCLUDE_PATH, build_tasks, cache_prompt_templates, quiet_lm_eval
 
-SPLITS = ("search", "test")
 FEWSHOT_SEED = 1234  # lm-eval's default few-shot seed, so prompts match a plain lm-eval run
 SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "num_beams")
 
@@ -94,8 +93,9 @@ class _Requests:
 class LmEvalEvaluator:
     """lm-eval tasks scored on a live model object; build once, call ``score`` per candidate.
 
-    ``split`` picks the data split scored (``search`` during the search, ``test`` for the final report);
-    ``None`` scores each task's own ``test_split`` (for standard lm-eval tasks). ``metrics`` maps a task to the
+    ``split`` picks the data split scored: ``search`` during the search, ``test`` for the final report, or any
+    split the tasks' data has (e.g. ``validation`` of a standard lm-eval task); ``None`` scores each task's own
+    ``test_split``. A task without that split is refused, naming the splits it has. ``metrics`` maps a task to the
     metrics to report, the first being the primary one; by default every metric the task produces, in the
     task's order. Generation is always greedy with the same settings for every model; ``gen_kwargs`` may change
     ``max_gen_toks`` or ``until`` but not sampling. ``threads`` sets torch's intra-op threads while scoring
@@ -113,8 +113,6 @@ class LmEvalEvaluator:
         names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
         if not names or not all(names):
             raise EvomergeError(f"no task names given: {tasks!r}")
-        if split is not None and split not in SPLITS:
-            raise EvomergeError(f"split must be one of {', '.join(SPLITS)} or None, got {split!r}")
         if batch_size < 1:
             raise EvomergeError(f"batch_size must be >= 1, got {batch_size}")
         include = Path(include_path) if include_path is not None else DEFAULT_INCLUDE_PATH

@@ -137,8 +137,9 @@ def _add_eval(sub) -> None:
     p.add_argument("--tasks", default=None, help="comma-separated task names (project tasks or standard lm-eval ones)")
     p.add_argument("--include-path", default=str(DEFAULT_INCLUDE_PATH),
                    help="directory of task YAMLs (default: the project's configs/tasks)")
-    p.add_argument("--split", choices=["search", "test", "default"], default="search",
-                   help="data split scored (default: search; 'default' = each task's own test split)")
+    p.add_argument("--split", default="search",
+                   help="data split scored: search (default), test, another split of the tasks' data, "
+                        "or 'default' for each task's own test split")
     p.add_argument("--limit", type=float, default=None,
                    help="score only the first N items of each task (below 1: a fraction)")
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's own)")

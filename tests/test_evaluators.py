@@ -194,6 +194,8 @@ def test_split_limit_and_metric_selection_are_honoured(tiny):
     assert scores.n == len(_jsonl("fx_pick_test.jsonl")) and list(scores.metrics) == ["acc"]
     limited = LmEvalEvaluator(["fx_pick"], include_path=FIXTURE_TASKS, limit=5)
     assert limited.score(model, tokenizer).tasks["fx_pick"].n == 5
+    with pytest.raises(EvomergeError, match=r"no 'validation' split .*\(it has: search, test\)"):
+        LmEvalEvaluator(["fx_pick"], include_path=FIXTURE_TASKS, split="validation")
 
 
 def test_data_files_resolve_relative_to_the_yaml_from_any_working_directory(tiny, tmp_path, monkeypatch):
