@@ -68,7 +68,7 @@ class SearchConfig(_Strict):
     study_name: str | None = None
     output_dir: str | None = None
     device: str = "cpu"
-    perplexity_file: str | None = None
+    threads: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _budget(self):

@@ -143,7 +143,7 @@ def build_evaluator(config: SearchConfig, split: str = "search"):
 
     return LmEvalEvaluator([t.name for t in config.tasks], include_path=config.include_path, split=split,
                            limit=config.limit, num_fewshot=config.num_fewshot, batch_size=config.batch_size,
-                           device=config.device)
+                           device=config.device, threads=config.threads)
 
 
 def open_workbench(config: SearchConfig, config_dir: Path | None = None, evaluator=None) -> Workbench:
