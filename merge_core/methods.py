@@ -27,7 +27,6 @@ mergekit rounds, so bf16 inputs give mergekit's bf16 arithmetic.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Iterable
@@ -53,7 +52,7 @@ class TensorContext:
 
     ``cache``: when the engine passes the same dict for repeated merges of the same input tensors (a
     search trying many densities or weights), task arithmetic keeps its density-independent work there
-    (task vectors, magnitude keys, l1 norms) instead of recomputing it. Costs about 2× the inputs' memory.
+    (the magnitude histogram of each task vector: 128 KiB per model) instead of recomputing it.
     """
 
     name: str
@@ -301,7 +300,7 @@ def karcher(tensors, base, model_params, params, ctx):
 # mergekit's formula on a slice, so results are the same while temporaries stay cache-sized (mergekit
 # allocates several full-size copies per model). Sparsification needs whole-tensor facts first (the
 # magnitude threshold, l1 norms, the random masks, drawn model after model like mergekit does); those
-# come from earlier streaming passes. Masks are 1 byte per entry; task vectors are never stored.
+# come from earlier streaming passes. Only random (or rescaled) masks are stored; task vectors never are.
 
 _CHUNK = 1 << 18
 _KEY_DTYPES = {2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -320,7 +319,8 @@ def _top_digit_counts(key_chunks: Iterable[Tensor]) -> Tensor:
     """Histogram of the top 16 bits of the keys (15 used: the sign bit is 0). Density-independent."""
     counts = torch.zeros(1 << 15, dtype=torch.int64)
     for keys in key_chunks:
-        counts += torch.bincount(keys >> (8 * keys.element_size() - 16), minlength=1 << 15)
+        shift = 8 * keys.element_size() - 16
+        counts += torch.bincount(keys >> shift if shift else keys, minlength=1 << 15)
     return counts.to(torch.int32)
 
 
@@ -344,38 +344,41 @@ def _kth_largest_key(k: int, key_chunks: Callable[[], Iterable[Tensor]], top_cou
     return prefix, remaining, int(counts[digit])
 
 
-def _top_k_masks(k: int, n: int, key_chunks: Callable[[], Iterable[Tensor]], top_counts: Tensor):
-    """Yield, chunk by chunk, the mask of the k largest keys; ties at the threshold go to the lowest
-    indices (mergekit's argsort breaks them in an unspecified order)."""
+def _top_k_selector(k: int, n: int, key_chunks: Callable[[], Iterable[Tensor]], top_counts: Tensor,
+                    dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+    """A function giving, for each task-vector chunk in order, its 0/1 mask (in ``dtype``) of the k
+    largest magnitudes. Ties at the threshold go to the lowest indices (mergekit's argsort breaks them
+    in an unspecified order, so 16-bit inputs can differ there). Masks are built with arithmetic, which
+    is several times faster than comparisons on CPU."""
     if k <= 0 or k >= n:
-        yield from (torch.full(keys.shape, k > 0) for keys in key_chunks())
-        return
-    chunks = key_chunks()
-    first = next(chunks)
-    threshold, take, equal = _kth_largest_key(k, key_chunks, top_counts, 8 * first.element_size())
-    threshold = torch.tensor(threshold, dtype=first.dtype)
-    for keys in itertools.chain([first], chunks):
-        if take == equal:
-            yield keys >= threshold
-            continue
-        mask = keys > threshold
-        if take:
-            ties = (keys == threshold).nonzero().squeeze(1)[:take]
-            mask[ties] = True
-            take -= len(ties)
-        yield mask
+        return lambda delta: torch.full(delta.shape, float(k > 0), dtype=dtype)
+    size = torch.empty(0, dtype=dtype).element_size()
+    key, left, equal = _kth_largest_key(k, key_chunks, top_counts, 8 * size)
+    threshold = torch.tensor(key, dtype=_KEY_DTYPES[size]).view(dtype).item()
+    state = {"ties_left": left}
 
+    def keep(delta: Tensor) -> Tensor:
+        position = (delta.abs() - threshold).sign_()  # 1 above, 0 at, -1 below the threshold
+        if left == equal:
+            return position.add_(1).clamp_(max=1)
+        mask = position.clamp_(min=0)
+        if state["ties_left"]:
+            ties = (delta.abs() == threshold).nonzero().squeeze(1)[:state["ties_left"]]
+            mask[ties] = 1
+            state["ties_left"] -= len(ties)
+        return mask
 
-def _l1(parts: Iterable[Tensor], dtype: torch.dtype) -> Tensor:
-    """Σ|x| over chunks, rounded to ``dtype`` like mergekit's ``abs().sum()``: each chunk is summed with
-    torch's own accumulator (float32, float64 for float64), so a single-chunk tensor gives its exact bits."""
-    accumulator = _float_dtype(torch.empty(0, dtype=dtype))
-    return sum(part.abs().sum(dtype=accumulator).double() for part in parts).to(dtype)
+    return keep
 
 
 def _bernoulli_dtype(dtype: torch.dtype) -> torch.dtype:
     """mergekit's CPU dtype for random masks and their rescaling: bfloat16 stays, all else is float32."""
     return dtype if dtype == torch.bfloat16 else torch.float32
+
+
+def _draw(probabilities: Tensor | float, shape, generator: torch.Generator | None, dtype: torch.dtype) -> Tensor:
+    """0/1 draws with the given keep probabilities: the same draws as mergekit's ``torch.bernoulli``."""
+    return (probabilities - torch.rand(shape, generator=generator)).sign_().clamp_(min=0).to(dtype)
 
 
 def _della_keep(delta: Tensor, density: float, epsilon: float, work: torch.dtype,
@@ -388,14 +391,17 @@ def _della_keep(delta: Tensor, density: float, epsilon: float, work: torch.dtype
     low, high = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
     position = ((ranks - low) / (high - low)).clamp(0, 1)
     probabilities = (density - epsilon) + position * 2 * epsilon
-    return torch.rand(probabilities.shape, generator=generator) < probabilities.float()
+    return _draw(probabilities.float(), probabilities.shape, generator, work)
 
 
 def _sparsify_plan(tensors, base, i, p, params, ctx, kind, chunks):
-    """Keep-masks (an iterator over chunks, or None) and the l1 rescale factor (or None) of model i.
+    """How model i's task vector is sparsified: ``keep(j, delta)``, called in chunk order, gives chunk
+    j's 0/1 mask (or is None), and the l1 rescale factor (or None).
 
-    Density-independent facts (magnitude histogram, l1 norm) go through ``ctx.cache``, so a search
-    sweeping densities over the same inputs pays for them once.
+    Magnitude masks are computed on the fly; random ones, and any that are rescaled, are made first in
+    one pass per model (model after model, so random draws come in mergekit's order) that also sums the
+    l1 norms, and kept in the compute dtype. The magnitude histogram, density-independent, goes through
+    ``ctx.cache``, so a search sweeping densities over the same inputs computes it once.
     """
     density = p["density"]
     if kind is None or density >= 1:
@@ -406,39 +412,53 @@ def _sparsify_plan(tensors, base, i, p, params, ctx, kind, chunks):
     def deltas():
         return (model[c] - origin[c] for c in chunks)
 
-    work = dtype if kind.startswith("magnitude") else _bernoulli_dtype(dtype)
     if kind.startswith("magnitude"):
+        work = dtype
+
         def key_chunks():
             return (magnitude_keys(d) for d in deltas())
 
         counts = _cached(ctx, ("top_digit_counts", i), lambda: _top_digit_counts(key_chunks()))
-        select = partial(_top_k_masks, n=n, key_chunks=key_chunks, top_counts=counts)
+        select = partial(_top_k_selector, n=n, key_chunks=key_chunks, top_counts=counts, dtype=dtype)
         if kind == "magnitude":
-            masks = select(max(1, int(density * n)))
+            keep = select(max(1, int(density * n)))
         else:
             kept = int(density * n)
             dropped_small = max(0, n - kept - int(p["gamma"] * n))
-            masks = (a & ~b for a, b in zip(select(n - dropped_small), select(n - dropped_small - kept)))
+            outer, inner = select(n - dropped_small), select(n - dropped_small - kept)
+
+            def keep(delta):  # the top (n - dropped_small) minus the top (n - dropped_small - kept)
+                return outer(delta).sub_(inner(delta))
+
         if not params["rescale"]:
-            return masks, None
-        keep = torch.cat(list(masks)) if chunks else torch.zeros(0, dtype=torch.bool)
+            return (lambda j, delta: keep(delta)), None
+        masks = (keep(d) for d in deltas())
     elif kind == "random":
-        threshold = _scalar(density, work)
-        keep = torch.cat([torch.rand(len(range(n)[c]), generator=ctx.generator) < threshold for c in chunks]
-                         or [torch.zeros(0, dtype=torch.bool)])
+        work = _bernoulli_dtype(dtype)
+        probability = _scalar(density, work)
+        masks = (_draw(probability, len(range(n)[c]), ctx.generator, work) for c in chunks)
     else:
+        work = _bernoulli_dtype(dtype)
         shape = tensors[base].shape
         rows = (1, n) if len(shape) < 2 else shape
         origin_rows, model_rows = origin.view(rows), model.view(rows)
         step = max(1, _CHUNK * rows[0] // max(n, 1))
-        keep = torch.cat([_della_keep(model_rows[r:r + step] - origin_rows[r:r + step], density, p["epsilon"],
-                                      work, ctx.generator).reshape(-1) for r in range(0, rows[0], step)])
-    masks = (keep[c] for c in chunks)
+        drawn = torch.cat([_della_keep(model_rows[r:r + step] - origin_rows[r:r + step], density,
+                                       p["epsilon"], work, ctx.generator).reshape(-1)
+                           for r in range(0, rows[0], step)])
+        masks = (drawn[c] for c in chunks)
     if not params["rescale"]:
-        return masks, None
-    before = _cached(ctx, ("l1", i, work), lambda: _l1((d.to(work) for d in deltas()), work))
-    after = _l1((d.to(work) * keep[c] for c, d in zip(chunks, deltas())), work)
-    return masks, (None if before < 1e-7 or after < 1e-7 else before / after)
+        stored = list(masks)
+        return (lambda j, delta: stored[j]), None
+    stored, before, after = [], 0.0, 0.0
+    accumulator = _float_dtype(torch.empty(0, dtype=work))
+    for mask, delta in zip(masks, deltas()):
+        magnitude = delta.to(work).abs_()
+        before += magnitude.sum(dtype=accumulator).item()
+        after += magnitude.mul_(mask).sum(dtype=accumulator).item()
+        stored.append(mask)
+    before, after = torch.tensor(before, dtype=work), torch.tensor(after, dtype=work)
+    return (lambda j, delta: stored[j]), (None if before < 1e-7 or after < 1e-7 else before / after)
 
 
 def _check_densities(kind: str | None, model_params, params) -> None:
@@ -463,21 +483,37 @@ def _cached(ctx: TensorContext, key: tuple, compute: Callable[[], Any]) -> Any:
     return ctx.cache[key]
 
 
+def _row_sum(rows: Tensor) -> Tensor:
+    """``rows.sum(0)`` with the same rounding (16-bit floats accumulate in float32, rounded once), by
+    plain additions: reductions over a short leading axis are slow on CPU."""
+    if rows.dtype in (torch.bfloat16, torch.float16) and len(rows) > 2:
+        total = rows[0].float()
+        for row in rows[1:]:
+            total += row.float()
+        return total.to(rows.dtype)
+    total = rows[0] + rows[1] if len(rows) > 1 else rows[0].clone()
+    for row in rows[2:]:
+        total += row
+    return total
+
+
 def _combine(deltas: Tensor, weights: Tensor, consensus: str | None, params) -> Tensor:
-    """Merge weighted task-vector rows: TIES sign election (``sum`` weighs by magnitude, ``count`` by
-    votes) keeps only agreeing entries; ``normalize`` divides by the weights that were kept."""
+    """Merge weighted task-vector rows (consumes ``deltas``): TIES sign election (``sum`` weighs by
+    magnitude, ``count`` by votes) keeps only agreeing entries; ``normalize`` divides by the weights that
+    were kept. Signs and masks are ±1/0 arithmetic rather than comparisons, for speed."""
     if consensus is None:
-        mixed = deltas.sum(dim=0)
+        mixed = _row_sum(deltas)
         divisor = weights.sum(dim=0)
         divisor[divisor.abs() < 1e-8] = 1
     else:
         sign = deltas.sign()
-        votes = deltas.sum(dim=0) if consensus == "sum" else sign.sum(dim=0)
-        agrees = sign == (votes >= 0).to(deltas.dtype) * 2 - 1
-        mixed = (deltas * agrees).sum(dim=0)
-        divisor = (weights * agrees).sum(dim=0) if params["normalize"] else None
-        if divisor is not None:
-            divisor[divisor == 0] = 1
+        votes = _row_sum(deltas) if consensus == "sum" else _row_sum(sign)
+        majority = votes.sign_().add_(0.5).sign_()  # +1 where votes >= 0, else -1
+        agrees = sign.mul_(majority).clamp_(min=0)  # 1 where the delta has the majority sign, else 0
+        mixed = _row_sum(deltas.mul_(agrees))
+        if params["normalize"]:
+            divisor = _row_sum(agrees.mul_(weights))
+            divisor += 1 - divisor.sign().abs_()  # a zero divisor becomes 1
     if params["normalize"]:
         mixed /= divisor
     if params["lambda"] != 1:
@@ -501,21 +537,21 @@ def task_arithmetic(tensors, base, model_params, params, ctx, *, sparsification:
     chunks = _chunks(origin.numel())
     plans = [_sparsify_plan(tensors, base, i, model_params[i], params, ctx, sparsification, chunks)
              for i in others]
-    masks = [iter(m) if m is not None else itertools.repeat(None) for m, _ in plans]
     weights = torch.tensor([model_params[i]["weight"] for i in others], dtype=origin.dtype).view(-1, 1)
     flat = [t.reshape(-1) for t in tensors]
     out = torch.empty_like(flat[base])
-    for c in chunks:
+    for j, c in enumerate(chunks):
         start = flat[base][c]
         deltas = torch.empty((len(others), start.numel()), dtype=start.dtype)
-        for row, i, mask, (_, scale) in zip(deltas, others, masks, plans):
+        for row, i, weight, (keep, scale) in zip(deltas, others, weights.tolist(), plans):
             torch.sub(flat[i][c], start, out=row)
-            mask = next(mask)
-            if mask is not None:
-                row.mul_(mask)
-            if scale is not None:
+            if keep is not None:
+                row.mul_(keep(j, row))
+            if scale is not None and scale.dtype == row.dtype:
+                row.mul_(scale)
+            elif scale is not None:  # float16 inputs: mergekit rescales in float32
                 row.copy_(row.to(scale.dtype) * scale)
-        deltas.mul_(weights)
+            row.mul_(weight[0])
         torch.add(start, _combine(deltas, weights, consensus, params), out=out[c])
     return out.view(origin.shape)
 
