@@ -138,6 +138,22 @@ def resolve_paths(config: SearchConfig, config_dir: Path | None) -> dict[str, st
     return {ref: str(resolve_model_path(ref, config_dir)) for ref in [config.base_model, *config.models]}
 
 
+def self_contained(config: SearchConfig, config_dir: Path | None) -> SearchConfig:
+    """The config with local paths made absolute (from the CWD, else the config's directory), so the
+    study's stored copy works for reports and workers started from anywhere."""
+    def local(path: str | None) -> str | None:
+        if path is None or Path(path).is_absolute():
+            return path
+        for candidate in (Path(path), (config_dir / path) if config_dir else None):
+            if candidate is not None and candidate.exists():
+                return str(candidate.resolve())
+        return path
+
+    return config.model_copy(update={"base_model": local(config.base_model),
+                                     "models": [local(m) for m in config.models],
+                                     "include_path": local(config.include_path)})
+
+
 def build_evaluator(config: SearchConfig, split: str = "search"):
     from evaluators import LmEvalEvaluator
 
@@ -264,6 +280,7 @@ def search(config: SearchConfig, *, config_dir: Path | None = None, evaluator=No
            on_trial=None) -> optuna.Study:
     """Run (or resume) the study until its budget is spent or the user stops it."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    config = self_contained(config, config_dir)
     bench = open_workbench(config, config_dir, evaluator)
     study = create_study(config, bench)
     fail_orphaned_trials(study)
