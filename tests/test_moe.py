@@ -160,3 +160,60 @@ def test_bad_input_is_one_line_exit_2(fam, tmp_path, capsys):
         assert code == 2 and len(lines) == 1, f"{case}: {err}"
         assert expected in lines[0], f"{case}: {lines[0]}"
         assert not (tmp_path / "out").exists(), case
+
+
+# --- the demo family: routing and skills --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def zoo_moe(tmp_path_factory):
+    """The demo zoo's fine-tunes as experts, routed by twenty search-split prompts of their skill each."""
+    from transformers import AutoTokenizer
+
+    from search import zoo
+
+    family = zoo.ensure_zoo()
+    skills = list(family.finetunes)
+    recipe = {"merge_method": "moe", "base_model": str(family.base), "experts": [
+        {"source_model": str(family.finetunes[skill]),
+         "positive_prompts": [item.prompt for item in zoo.eval_items(skill, "search")[:20]]} for skill in skills]}
+    out = tmp_path_factory.mktemp("zoo_moe") / "moe"
+    merge(load_recipe(recipe), out)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    return family, skills, model, AutoTokenizer.from_pretrained(out)
+
+
+# Measured on the zoo as built at 21:00 (search/zoo.py then): mergekit's `hidden` gating reads the last
+# prompt token, "=" in every skill, whose states at layers 0-1 are the same for all prompts, so those
+# routers are equal rows and top-2 picks among tied experts; layers 2-3 separate the skills only partly.
+# Prompts routed mostly to their expert: rev 1.00, cap 0.00, nxt 0.00; skills (MoE vs expert): rev 0.00
+# vs 0.00, cap 0.00-1.00 (depends on how ties break) vs 1.00, nxt 0.67 vs 1.00.
+# strict: once the family routes, these pass and must be unmarked.
+ZOO_ROUTING = pytest.mark.xfail(strict=True, reason="mergekit-style routers do not separate the demo skills")
+
+
+@ZOO_ROUTING
+def test_zoo_moe_routes_each_skill_to_its_expert(zoo_moe):
+    """Most test prompts of a skill put the largest routing mass (all tokens, all layers) on its expert."""
+    from search import zoo
+
+    family, skills, model, tokenizer = zoo_moe
+    for expert, skill in enumerate(skills):
+        prompts = [item.prompt for item in zoo.eval_items(skill, "test")]
+        ids = torch.tensor(tokenizer(prompts, add_special_tokens=False)["input_ids"])  # same length: no padding
+        with torch.no_grad():
+            router_logits = model(input_ids=ids, output_router_logits=True).router_logits
+        mass = sum(logits.view(*ids.shape, -1).softmax(-1).sum(1) for logits in router_logits)
+        share = (mass.argmax(-1) == expert).float().mean().item()
+        assert share >= 0.5, f"{skill}: {share:.2f} of its prompts routed mostly to its expert"
+
+
+@ZOO_ROUTING
+def test_zoo_moe_keeps_each_expert_skill(zoo_moe):
+    from search import zoo
+
+    family, skills, model, tokenizer = zoo_moe
+    scores = zoo.score_skills(model, tokenizer, skills, "test")
+    for skill in skills:
+        expert = family.manifest["models"][skill]["scores"]["test"][skill]
+        assert scores[skill] >= expert - 0.1, f"{skill}: MoE {scores[skill]:.2f} vs expert {expert:.2f}"
