@@ -1,0 +1,270 @@
+"""Merge methods: parity with mergekit 0.1.5's own kernels, stochastic behaviour, hand-computed cases."""
+
+import pytest
+import torch
+from mergekit.merge_methods import TensorGroup
+from mergekit.merge_methods.api import merge_tensors
+from mergekit.merge_methods.generalized_task_arithmetic import ConsensusMethod, GeneralizedTaskArithmeticMerge
+from mergekit.merge_methods.registry import registered_methods
+from mergekit.sparsify import SparsificationMethod, sparsify
+
+from merge_core import methods
+from merge_core.errors import EvomergeError
+from merge_core.methods import METHODS, TensorContext, check_inputs, get_method
+
+SHAPES = [(64, 48), (96,), (300, 16)]  # weight, bias/norm, embedding-like (tall, narrow)
+
+TWO = [{"weight": 0.7, "density": 0.3}, {"weight": 0.4, "density": 0.6}]
+FOUR = TWO + [{"weight": -0.2, "density": 0.5}, {"weight": 0.3, "density": 0.2}]
+
+# (method, base index or None, per-model parameters of the non-base models, global parameters)
+CASES = [
+    ("linear", None, [{"weight": 0.2}, {"weight": 0.5}, {"weight": 0.3}], {}),
+    ("linear", None, [{"weight": 0.2}, {"weight": 0.5}, {"weight": 0.3}], {"normalize": False}),
+    ("slerp", 0, [{}], {"t": 0.3}),
+    ("slerp", 1, [{}], {"t": 0.7}),
+    ("nuslerp", None, [{"weight": 0.3}, {"weight": 0.7}], {}),
+    ("nuslerp", 0, [{"weight": 0.3}, {"weight": 0.7}], {"nuslerp_flatten": False}),
+    ("nuslerp", 0, [{"weight": 0.4}, {"weight": 0.6}], {"nuslerp_flatten": False, "nuslerp_row_wise": True}),
+    ("multislerp", None, [{"weight": 0.2}, {"weight": 0.5}, {"weight": 0.3}], {}),
+    ("multislerp", 0, [{"weight": 0.5}, {"weight": 0.3}], {}),
+    ("karcher", None, [{}, {}, {}], {}),
+    ("task_arithmetic", 0, [{"weight": 0.7}, {"weight": 0.4}], {}),
+    ("task_arithmetic", 0, [{"weight": 0.7}, {"weight": 0.4}, {"weight": 0.2}], {"normalize": True, "lambda": 1.3}),
+    ("ties", 0, TWO, {}),
+    ("ties", 0, FOUR, {"rescale": True, "normalize": False}),
+    ("dare_ties", 0, TWO, {}),
+    ("dare_ties", 0, FOUR, {"normalize": True, "lambda": 0.8}),
+    ("dare_linear", 0, FOUR, {}),
+    ("breadcrumbs", 0, [{"weight": 0.7, "density": 0.3}, {"weight": 0.4, "density": 0.8, "gamma": 0.05}], {}),
+    ("breadcrumbs_ties", 0, TWO, {"rescale": True}),
+    ("della", 0, [{"weight": 0.7, "density": 0.3}, {"weight": 0.4, "density": 0.6, "epsilon": 0.1}], {}),
+    ("della_linear", 0, [{"weight": 0.7, "density": 0.4}, {"weight": 0.4, "density": 0.6}], {}),
+    ("sce", 0, [{}, {}], {}),
+    ("sce", 0, [{}, {}, {}], {"select_topk": 0.3}),
+    ("ram", 0, [{}, {}], {"epsilon": 0.03}),
+    ("ramplus_tl", 0, [{}, {}, {}], {"epsilon": 0.03}),
+    ("model_stock", 0, [{}, {}], {}),
+    ("model_stock", 0, [{}, {}, {}], {"filter_wise": True}),
+    ("nearswap", 0, [{}], {"t": 0.04}),
+    ("arcee_fusion", 0, [{}], {}),
+    ("passthrough", None, [{"scale": 0.5}], {}),
+    ("passthrough", None, [{}], {}),
+]
+
+
+def models(shape, count, dtype=torch.float32, seed=1):
+    """A base and ``count - 1`` fine-tunes near it (task vectors ~5% of the weights)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    return [base.to(dtype)] + [(base + 0.05 * torch.randn(shape, generator=g)).to(dtype) for _ in range(count - 1)]
+
+
+def run_ours(name, tensors, base, per_model, params, seed=0, cache=None):
+    method = METHODS[name]
+    supplied = iter(per_model)
+    model_params = [{**method.model_params, **next(supplied, {})} if method.base_is_input or i != base else {}
+                    for i in range(len(tensors))]
+    ctx = TensorContext("t", generator=torch.Generator().manual_seed(seed), cache=cache)
+    return method.fn(tensors, base, model_params, {**method.params, **params}, ctx)
+
+
+def run_mergekit(name, tensors, base, per_model, params, seed=0):
+    defaults = METHODS[name].model_params
+    per_model = [{**defaults, **p} for p in per_model]
+    parameters = dict(params)
+    for key in defaults:
+        parameters[key] = [p[key] for p in per_model]
+    torch.manual_seed(seed)  # mergekit draws from the global generator
+    return merge_tensors(tensors, name, parameters=parameters, base_index=base)
+
+
+def inputs_for(base, per_model, shape, dtype=torch.float32):
+    return models(shape, len(per_model) + (base is not None), dtype)
+
+
+def test_registry_matches_mergekit_names():
+    assert set(METHODS) == {m.spec.name for m in registered_methods()}
+
+
+def test_parameters_and_defaults_match_mergekit():
+    for spec in (m.spec for m in registered_methods()):
+        ours = METHODS[spec.name]
+        for p in spec.parameters:
+            where = ours.params if p.scope == "shared" else ours.model_params
+            assert p.name in where, (spec.name, p.name)
+            if not p.required:
+                assert where[p.name] == p.default, (spec.name, p.name)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("name,base,per_model,params", CASES, ids=lambda v: v if isinstance(v, str) else "")
+def test_float32_result_matches_mergekit(name, base, per_model, params, shape):
+    tensors = inputs_for(base, per_model, shape)
+    ours = run_ours(name, tensors, base, per_model, params)
+    theirs = run_mergekit(name, tensors, base, per_model, params)
+    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+    assert (ours - theirs).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("name,base,per_model,params",
+                         [c for c in CASES if c[0] not in ("ties", "breadcrumbs", "breadcrumbs_ties")],
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_bfloat16_result_is_bitwise_mergekit(name, base, per_model, params):
+    """Methods compute in the compute dtype and round where mergekit rounds."""
+    tensors = inputs_for(base, per_model, (300, 16), torch.bfloat16)
+    ours = run_ours(name, tensors, base, per_model, params)
+    theirs = run_mergekit(name, tensors, base, per_model, params)
+    assert ours.dtype == theirs.dtype
+    assert torch.equal(ours, theirs)
+
+
+def test_count_consensus_matches_mergekit():
+    method = GeneralizedTaskArithmeticMerge(ConsensusMethod.count, SparsificationMethod.magnitude, True, False,
+                                            "ties_count", None, None)
+    tensors = models((64, 48), 4)
+    theirs, = method([TensorGroup.from_tensors(tensors, base_index=0)],
+                     parameters={"weight": [0.5, 0.3, 0.2], "density": [0.4, 0.5, 0.6]})
+    ours = methods.task_arithmetic(tensors, 0, [{}, *({"weight": w, "density": d} for w, d in
+                                              [(0.5, 0.4), (0.3, 0.5), (0.2, 0.6)])],
+                           {"normalize": True, "rescale": False, "lambda": 1.0}, TensorContext("t"),
+                           sparsification="magnitude", consensus="count")
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_ties_differs_from_mergekit_only_at_threshold_ties(dtype):
+    """Many 16-bit magnitudes equal the threshold; mergekit's argsort keeps an arbitrary subset of
+    them, we keep the lowest indices. The count and every other entry agree."""
+    base, model = models((300, 16), 2, dtype)
+    delta = model - base
+    theirs = sparsify(delta, density=0.3, method=SparsificationMethod.magnitude) != 0
+    ours = run_ours("ties", [base, model], 0, [{"weight": 1.0, "density": 0.3}], {}) != base
+    assert ours.sum() == theirs.sum() == max(1, int(0.3 * delta.numel()))
+    differing = delta.abs()[ours != theirs]
+    threshold = delta.abs()[ours].min()
+    assert (differing == threshold).all()
+
+
+def test_threshold_selection_agrees_with_sort_for_every_dtype():
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        model = models((1000, 30), 1, dtype, seed=3)[0]
+        base = torch.zeros_like(model)  # the merge is then exactly the kept entries
+        for density in (1e-4, 0.1, 0.5, 0.999):
+            ours = run_ours("ties", [base, model], 0, [{"weight": 1.0, "density": density}], {}) != 0
+            k = max(1, int(density * base.numel()))
+            magnitudes = model.abs().reshape(-1).double()
+            assert ours.sum() == k
+            assert magnitudes[ours.reshape(-1)].min() >= magnitudes.sort(descending=True).values[k - 1]
+
+
+def test_tensor_spanning_many_chunks_matches_mergekit(monkeypatch):
+    monkeypatch.setattr(methods, "_CHUNK", 1000)
+    tensors = models((130, 70), 3)
+    for name, per_model in [("ties", TWO), ("dare_ties", TWO), ("breadcrumbs_ties", TWO),
+                            ("della", [{"weight": 0.5, "density": 0.5}] * 2)]:
+        ours = run_ours(name, tensors, 0, per_model, {"rescale": True})
+        theirs = run_mergekit(name, tensors, 0, per_model, {"rescale": True})
+        assert (ours - theirs).abs().max().item() <= 1e-6, name
+
+
+@pytest.mark.parametrize("name", ["dare_ties", "dare_linear", "della", "della_linear", "arcee_fusion"])
+def test_same_seed_gives_identical_bytes(name):
+    tensors = models((1100, 1000) if name == "arcee_fusion" else (300, 200), 2)  # arcee samples above 1M
+    per_model = [{"weight": 0.6, "density": 0.4}] if METHODS[name].model_params else [{}]
+    first = run_ours(name, tensors, 0, per_model, {}, seed=7)
+    assert torch.equal(first, run_ours(name, tensors, 0, per_model, {}, seed=7))
+    if name != "arcee_fusion":
+        assert not torch.equal(first, run_ours(name, tensors, 0, per_model, {}, seed=8))
+
+
+@pytest.mark.parametrize("name", ["dare_linear", "della_linear"])
+@pytest.mark.parametrize("density", [0.2, 0.5])
+def test_kept_fraction_is_density(name, density):
+    base, model = models((600, 500), 2)
+    merged = run_ours(name, [base, model], 0, [{"weight": 1.0, "density": density}], {"rescale": False})
+    kept = (merged != base).float().mean().item()
+    assert abs(kept - density) <= 0.01 * density
+
+
+def test_rescaled_random_sparsification_keeps_expected_delta():
+    base, model = models((50, 40), 2)
+    draws = [run_ours("dare_linear", [base, model], 0, [{"weight": 1.0, "density": 0.5}], {}, seed=s) - base
+             for s in range(400)]
+    mean = torch.stack(draws).mean(0)
+    delta = model - base
+    assert (mean - delta).abs().mean() < 0.1 * delta.abs().mean()
+
+
+def test_cache_reuse_across_densities_gives_same_result(monkeypatch):
+    monkeypatch.setattr(methods, "_CHUNK", 1000)
+    tensors = models((70, 50), 3)
+    cache = {}
+    for density in (0.2, 0.5, 0.9):
+        per_model = [{"weight": 0.5, "density": density}] * 2
+        assert torch.equal(run_ours("ties", tensors, 0, per_model, {}, cache=cache),
+                           run_ours("ties", tensors, 0, per_model, {}))
+    assert cache
+
+
+def test_linear_weights_one_zero_returns_first_model():
+    a, b = models((8, 4), 2)
+    assert torch.equal(run_ours("linear", [a, b], None, [{"weight": 1.0}, {"weight": 0.0}], {}), a)
+
+
+def test_slerp_endpoints():
+    a, b = models((8, 4), 2)
+    assert torch.allclose(run_ours("slerp", [a, b], 0, [{}], {"t": 0.0}), a, atol=1e-6)
+    assert torch.allclose(run_ours("slerp", [a, b], 0, [{}], {"t": 1.0}), b, atol=1e-6)
+    assert torch.allclose(run_ours("slerp", [a, b], 1, [{}], {"t": 0.0}), b, atol=1e-6)
+
+
+def test_slerp_without_base_starts_from_first_model():
+    a, b = models((8, 4), 2)
+    assert torch.equal(run_ours("slerp", [a, b], None, [{}], {"t": 0.25}),
+                       run_ours("slerp", [a, b], 0, [{}], {"t": 0.25}))
+
+
+def test_task_arithmetic_is_base_plus_weighted_deltas():
+    base, a, b = models((8, 4), 3)
+    merged = run_ours("task_arithmetic", [base, a, b], 0, [{"weight": 0.5}, {"weight": -0.25}], {})
+    assert torch.allclose(merged, base + 0.5 * (a - base) - 0.25 * (b - base), atol=1e-6)
+
+
+def test_passthrough_scales():
+    a, = models((8, 4), 1)
+    assert torch.equal(run_ours("passthrough", [a], None, [{"scale": 2.0}], {}), a * 2)
+    assert torch.equal(run_ours("passthrough", [a], None, [{}], {}), a)
+
+
+@pytest.mark.parametrize("density", [0.0, -0.1, 1.5])
+def test_density_outside_unit_interval_is_refused(density):
+    tensors = models((8, 4), 2)
+    with pytest.raises(EvomergeError, match=f"density.*{density}"):
+        run_ours("ties", tensors, 0, [{"weight": 1.0, "density": density}], {})
+    with pytest.raises(EvomergeError, match="density"):
+        METHODS["dare_ties"].check([{}, {"weight": 1.0, "density": density}], {})
+
+
+def test_della_refuses_epsilon_reaching_outside_unit_interval():
+    with pytest.raises(EvomergeError, match="epsilon"):
+        METHODS["della"].check([{"weight": 1.0, "density": 0.1, "epsilon": 0.15}], {})
+
+
+@pytest.mark.parametrize("name,count,has_base,message", [
+    ("slerp", 3, True, "slerp needs exactly 2 models"),
+    ("nearswap", 2, False, "needs a base_model"),
+    ("nuslerp", 2, True, "exactly 2 models besides the base"),
+    ("model_stock", 2, True, "at least 3 models"),
+    ("passthrough", 2, False, "exactly|1 models"),
+])
+def test_model_count_errors_are_one_line(name, count, has_base, message):
+    with pytest.raises(EvomergeError, match=message):
+        check_inputs(get_method(name), count, has_base)
+
+
+def test_valid_model_counts_pass():
+    check_inputs(get_method("slerp"), 2, False)
+    check_inputs(get_method("nuslerp"), 3, True)
+    check_inputs(get_method("linear"), 3, True)
+    check_inputs(get_method("ties"), 1, True)
