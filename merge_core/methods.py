@@ -146,14 +146,19 @@ def _scalar(value: float, dtype: torch.dtype) -> float:
 
 @register("linear", model_params={"weight": REQUIRED}, params={"normalize": True}, base_is_input=True)
 def linear(tensors, base, model_params, params, ctx):
-    """Weighted average; accumulates in float32 so bf16 inputs are rounded once."""
+    """Weighted average; accumulates in float32 so bf16 inputs are rounded once. Streams over chunks so
+    the float32 accumulator stays cache-sized."""
     weights = torch.tensor([p["weight"] for p in model_params], dtype=_float_dtype(tensors[0]))
-    merged = torch.zeros(tensors[0].shape, dtype=weights.dtype)
-    for tensor, weight in zip(tensors, weights):
-        merged.addcmul_(tensor, weight)
-    if params["normalize"]:
-        merged.div_(weights.sum())
-    return merged.to(tensors[0].dtype)
+    flat = [t.reshape(-1) for t in tensors]
+    out = torch.empty_like(flat[0])
+    for c in _chunks(out.numel()):
+        merged = torch.zeros(len(range(out.numel())[c]), dtype=weights.dtype)
+        for tensor, weight in zip(flat, weights):
+            merged.addcmul_(tensor[c], weight)
+        if params["normalize"]:
+            merged.div_(weights.sum())
+        out[c] = merged
+    return out.view(tensors[0].shape)
 
 
 _SLERP_CHUNK = 1024 * 1024
