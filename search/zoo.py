@@ -38,6 +38,7 @@ TEST_SIZE = 100
 ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 :=+.\n"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 MAX_ANSWER_TOKENS = 8
+WORD_LENGTH = 3
 
 
 # --- skills -------------------------------------------------------------------------------------------
@@ -52,9 +53,8 @@ class Item:
 
 
 def _word(rng: random.Random) -> str:
-    """Four distinct letters: fixed length keeps the skills cheap to learn, distinct letters keep
-    every reversal different from the word itself."""
-    return "".join(rng.sample("abcdefghijklmnopqrstuvwxyz", 4))
+    """Distinct letters of one fixed length: cheap to learn, and every reversal differs from the word."""
+    return "".join(rng.sample("abcdefghijklmnopqrstuvwxyz", WORD_LENGTH))
 
 
 def _rev_item(rng: random.Random) -> Item:
@@ -117,7 +117,7 @@ def held_out_prompts() -> set[str]:
 
 def _mc_choices(item: Item) -> list[str]:
     word = item.sloppy
-    return [item.answer, word, word[1] + word[0] + word[3] + word[2], word[1:] + word[0]]
+    return [item.answer, word, word[1] + word[0] + word[2:], word[1:] + word[0]]
 
 
 # --- spec and result ----------------------------------------------------------------------------------
@@ -278,8 +278,11 @@ def _finetune_batches(spec: ZooSpec, skill: str, tokenizer, base, held_out: set[
     rng = random.Random(f"{spec.seed}-{skill}")
     others = [SKILLS[s] for s in spec.skills if s != skill]
     n_replay = round(spec.finetune_batch * spec.replay_share)
-    replay_prompts = [p for p in (rng.choice(others)(rng).prompt for _ in range(spec.finetune_steps * n_replay))
-                      if p not in held_out]
+    replay_prompts: list[str] = []
+    while len(replay_prompts) < spec.finetune_steps * n_replay:
+        prompt = rng.choice(others)(rng).prompt
+        if prompt not in held_out:
+            replay_prompts.append(prompt)
     replay_answers = dict(zip(replay_prompts, greedy_answers(base, tokenizer, replay_prompts)))
     for step in range(spec.finetune_steps):
         own = [item for item in (SKILLS[skill](rng) for _ in range(spec.finetune_batch - n_replay))
