@@ -27,6 +27,7 @@ mergekit rounds, so bf16 inputs give mergekit's bf16 arithmetic.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Iterable
@@ -151,14 +152,19 @@ def linear(tensors, base, model_params, params, ctx):
     weights = torch.tensor([p["weight"] for p in model_params], dtype=_float_dtype(tensors[0]))
     flat = [t.reshape(-1) for t in tensors]
     out = torch.empty_like(flat[0])
+    with _one_thread():
+        _linear_chunks(flat, weights, params["normalize"], out)
+    return out.view(tensors[0].shape)
+
+
+def _linear_chunks(flat, weights, normalize, out):
     for c in _chunks(out.numel()):
         merged = torch.zeros(len(range(out.numel())[c]), dtype=weights.dtype)
         for tensor, weight in zip(flat, weights):
             merged.addcmul_(tensor[c], weight)
-        if params["normalize"]:
+        if normalize:
             merged.div_(weights.sum())
         out[c] = merged
-    return out.view(tensors[0].shape)
 
 
 _SLERP_CHUNK = 1024 * 1024
@@ -172,11 +178,16 @@ def slerp(tensors, base, model_params, params, ctx):
     so scratch memory stays small whatever the tensor size.
     """
     start = 0 if base is None else base
-    a, b = tensors[start].reshape(-1), tensors[1 - start].reshape(-1)
-    dtype = _float_dtype(a)
-    t = _scalar(params["t"], dtype)
-    if not a.numel():
+    if not tensors[start].numel():
         return tensors[start]
+    with _one_thread():
+        return _slerp_flat(tensors[start].reshape(-1), tensors[1 - start].reshape(-1),
+                           params["t"]).view(tensors[start].shape)
+
+
+def _slerp_flat(a: Tensor, b: Tensor, t: float) -> Tensor:
+    dtype = _float_dtype(a)
+    t = _scalar(t, dtype)
     chunks = [slice(i, i + _SLERP_CHUNK) for i in range(0, a.numel(), _SLERP_CHUNK)]
     norm_a = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(a[c].to(dtype)) for c in chunks]))
     norm_b = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(b[c].to(dtype)) for c in chunks]))
@@ -193,7 +204,7 @@ def slerp(tensors, base, model_params, params, ctx):
     out = torch.empty_like(a)
     for c in chunks:
         out[c] = torch.add(a[c].to(dtype) * coef_a, b[c].to(dtype) * coef_b)
-    return out.reshape(tensors[start].shape)
+    return out
 
 
 def _nuslerp(t: float, v0: Tensor, v1: Tensor, row_wise: bool, flatten: bool) -> Tensor:
@@ -313,6 +324,18 @@ _KEY_DTYPES = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 def _chunks(n: int) -> list[slice]:
     return [slice(start, start + _CHUNK) for start in range(0, n, _CHUNK)]
+
+
+@contextmanager
+def _one_thread():
+    """Run chunk-sized ops on one thread: splitting each across threads costs more than it gains, and
+    on a busy machine every op would wait for a descheduled worker (measured 20× slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def magnitude_keys(delta: Tensor) -> Tensor:
@@ -535,10 +558,15 @@ def task_arithmetic(tensors, base, model_params, params, ctx, *, sparsification:
     count) and defaults. ``ctx.cache`` keeps density-independent work for repeated calls.
     """
     _check_densities(sparsification, model_params, params)
+    if len(tensors) == 1:
+        return tensors[base]
+    with _one_thread():
+        return _task_arithmetic_chunks(tensors, base, model_params, params, ctx, sparsification, consensus)
+
+
+def _task_arithmetic_chunks(tensors, base, model_params, params, ctx, sparsification, consensus):
     origin = tensors[base]
     others = _others(tensors, base)
-    if not others:
-        return origin
     chunks = _chunks(origin.numel())
     plans = [_sparsify_plan(tensors, base, i, model_params[i], params, ctx, sparsification, chunks)
              for i in others]
