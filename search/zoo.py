@@ -654,10 +654,11 @@ def _build(directory: Path, spec: ZooSpec, log: Callable[[str], None]) -> Zoo:
         "build_seconds": round(time.perf_counter() - start, 1),
         "build_cpu_seconds": round(time.process_time() - start_cpu, 1),
     }
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    text = json.dumps(manifest, indent=2) + "\n"
+    (directory / MANIFEST).write_text(text)
     log(f"zoo built in {manifest['build_seconds']} s: best merge {best_merge['average']} "
         f"vs best source {best_source}")
-    return _load_zoo(directory, manifest)
+    return _load_zoo(directory, json.loads(text))  # as a cached call would return it (lists, not tuples)
 
 
 def ensure_zoo(directory: str | Path | None = None, spec: ZooSpec = DEFAULT_SPEC) -> Zoo:
