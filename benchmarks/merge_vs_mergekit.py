@@ -144,20 +144,32 @@ def warm_page_cache(paths: list[Path]) -> None:
                     pass
 
 
+# Started with vfork, a child's ru_maxrss begins at its parent's RSS (this script holds GiBs after comparing
+# outputs), so each tool is started by this tiny stdlib-only process, whose RSS is ~10 MiB.
+MEASURER = """
+import json, os, subprocess, sys, time
+started = time.perf_counter()
+child = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(child.pid, 0)
+json.dump({"wall_s": time.perf_counter() - started, "cpu_s": usage.ru_utime + usage.ru_stime,
+           "peak_rss_kib": usage.ru_maxrss}, open(sys.argv[1], "w"))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_measured(cmd: list[str], log: Path) -> dict:
-    """Wall time, CPU time and peak RSS of one child process (``wait4`` gives that child's own rusage)."""
+    """Wall time, CPU time and peak RSS of one tool run (``wait4`` gives the tool's own rusage)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     load = os.getloadavg()[0]
+    usage_file = log.with_suffix(".usage.json")
     with open(log, "w") as log_file:
-        started = time.perf_counter()
-        child = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(child.pid, 0)
-        wall = time.perf_counter() - started
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode:
+        finished = subprocess.run([sys.executable, "-I", "-S", "-c", MEASURER, str(usage_file), *cmd],
+                                  stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    if finished.returncode:
         tail = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
-        raise RuntimeError(f"{' '.join(cmd)} exited with {child.returncode}: {tail[0]} (log: {log})")
-    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_gib": usage.ru_maxrss * 1024 / GIB,
+        raise RuntimeError(f"{' '.join(cmd)} exited with {finished.returncode}: {tail[0]} (log: {log})")
+    usage = json.loads(usage_file.read_text())
+    return {"wall_s": usage["wall_s"], "cpu_s": usage["cpu_s"], "peak_rss_gib": usage["peak_rss_kib"] * 1024 / GIB,
             "load_before": load, "when": time.strftime("%Y-%m-%d %H:%M")}
 
 
