@@ -84,6 +84,8 @@ def _read_safetensors_header(model: Path, file: Path) -> dict[str, _StoredTensor
             shape = tuple(int(d) for d in entry["shape"])
         except (KeyError, TypeError, ValueError):
             raise EvomergeError(f"{where}: tensor {name!r} has an unsupported or malformed header entry") from None
+        if not 0 <= begin <= end or end - begin != math.prod(shape) * dtype.itemsize:
+            raise EvomergeError(f"{where}: tensor {name!r} has offsets that do not match its shape and dtype")
         if data_start + end > size:
             raise EvomergeError(f"{where} is truncated (tensor {name!r} ends past the end of the file)")
         tensors[name] = _StoredTensor(file, data_start + begin, end - begin, shape, dtype)

@@ -346,6 +346,15 @@ def checkpoint_not_safetensors(tmp_path):
     return path, "model.safetensors is not a safetensors file"
 
 
+def checkpoint_with_inconsistent_header(tmp_path):
+    path = tmp_path / "m"
+    path.mkdir()
+    (path / "config.json").write_text("{}")
+    header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}).encode()
+    (path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(8))
+    return path, "tensor 'w' has offsets that do not match its shape and dtype"
+
+
 def missing_directory(tmp_path):
     return tmp_path / "nowhere", "directory not found"
 
@@ -353,6 +362,7 @@ def missing_directory(tmp_path):
 @pytest.mark.parametrize("make_broken", [
     missing_directory, checkpoint_missing_config, checkpoint_with_broken_config, checkpoint_missing_shard,
     checkpoint_without_weights, checkpoint_truncated, checkpoint_not_safetensors,
+    checkpoint_with_inconsistent_header,
 ])
 def test_broken_checkpoints_fail_with_one_line_naming_model_and_file(tmp_path, make_broken):
     path, message = make_broken(tmp_path)
