@@ -53,9 +53,9 @@ def open_storage(config: SearchConfig) -> RDBStorage:
         raise EvomergeError(f"storage {config.storage_url}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
 
 
-def make_sampler(config: SearchConfig, x0: dict[str, float]) -> optuna.samplers.BaseSampler:
+def make_sampler(config: SearchConfig) -> optuna.samplers.BaseSampler:
     if config.sampler == "cmaes":
-        return optuna.samplers.CmaEsSampler(x0=x0, seed=config.seed, warn_independent_sampling=False)
+        return optuna.samplers.CmaEsSampler(seed=config.seed, warn_independent_sampling=False)
     if config.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=config.seed, multivariate=True)
     return optuna.samplers.RandomSampler(seed=config.seed)
@@ -260,13 +260,13 @@ def run_trial(study: optuna.Study, bench: Workbench) -> optuna.trial.FrozenTrial
 
 def create_study(config: SearchConfig, bench: Workbench) -> optuna.Study:
     storage = open_storage(config)
-    x0 = handwritten_point(config, bench.dims)
+    handwritten = handwritten_point(config, bench.dims)
     study = optuna.create_study(study_name=config.study, storage=storage, direction="maximize",
-                                sampler=make_sampler(config, x0), load_if_exists=True)
+                                sampler=make_sampler(config), load_if_exists=True)
     if "config" not in study.user_attrs:
         study.set_user_attr("config", json.loads(config.model_dump_json()))
         study.set_user_attr("evomerge_version", _version())
-        study.enqueue_trial(x0, user_attrs={"handwritten": True}, skip_if_exists=True)
+        study.enqueue_trial(handwritten, user_attrs={"handwritten": True}, skip_if_exists=True)
     return study
 
 
