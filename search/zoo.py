@@ -128,8 +128,8 @@ class ZooSpec:
     intermediate_size: int = 256
     num_layers: int = 2
     num_heads: int = 4
-    correct_share: float = 0.4
-    base_steps: int = 1200
+    correct_share: float = 0.35
+    base_steps: int = 2000
     base_batch: int = 64
     base_lr: float = 3e-3
     lora_rank: int = 8

@@ -145,7 +145,8 @@ def test_manifest_records_spec_seeds_and_a_spec_and_code_digest(family):
     assert manifest["spec"] == json.loads(json.dumps(zoo.asdict(zoo.DEFAULT_SPEC)))
     assert manifest["digest"] == zoo.DEFAULT_SPEC.digest() != replace(zoo.DEFAULT_SPEC, seed=1).digest()
     assert set(manifest["seeds"]) == {"base", "tasks", *family.finetunes}
-    assert manifest["build_seconds"] < 360
+    # CPU time, not wall time: the limit is for 2 idle cores, and tests often share them
+    assert manifest["build_cpu_seconds"] < 360
 
 
 # --- bad input ------------------------------------------------------------------------------------------------
