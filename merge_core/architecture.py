@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 from merge_core.errors import EvomergeError
 
@@ -28,7 +29,9 @@ class LayerName:
         return f"{self.prefix}.{index}.{self.rest}"
 
 
+@lru_cache(maxsize=1 << 16)
 def parse_layer(name: str) -> LayerName | None:
+    """Cached: planning parses the same few hundred names for every candidate of a search."""
     match = _LAYER.match(name)
     if not match:
         return None

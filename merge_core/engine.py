@@ -11,6 +11,7 @@ import os
 import shutil
 import zlib
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -60,32 +61,59 @@ def _generator(seed: int | None, name: str, device: str) -> torch.Generator | No
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
 
 
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """One reduction instead of an elementwise pass: a NaN or Inf entry makes the sum non-finite, so only an
+    overflowing sum of finite entries needs the elementwise check."""
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
+def _tensor_cache(cache: dict, job: TensorJob, itemsize: int, budget: int | None) -> tuple[dict, bool]:
+    """The tensor's own cache dict, and whether methods may keep whole-tensor precomputations in it (task
+    vectors, magnitude order: about twice the non-base inputs). First come, first served within
+    ``budget`` bytes, decided once per tensor so every candidate takes the same path."""
+    key = (job.name, tuple(job.models), tuple(job.tensor_names), job.base)
+    if key not in cache:
+        numel = 1
+        for size in job.shape:
+            numel *= size
+        cost = 2 * numel * itemsize * (len(job.models) - (job.base is not None))
+        spent = cache.get("precomputed_bytes", 0)
+        allowed = budget is None or spent + cost <= budget
+        cache[key] = ({}, allowed)
+        cache["precomputed_bytes"] = spent + cost * allowed
+    return cache[key]
+
+
 def compute_tensor(job: TensorJob, plan: MergePlan, sources: dict[str, Source], *, dtype: torch.dtype | None,
-                   device: str, seed: int | None, cache: dict | None = None) -> torch.Tensor:
+                   device: str, seed: int | None, cache: dict | None = None,
+                   precompute_bytes: int | None = None) -> torch.Tensor:
     """The merged value of one output tensor, in the compute dtype, checked to be finite.
 
-    ``cache`` (one dict across calls) keeps the methods' input-only work per tensor, for searches.
+    ``cache`` (one dict across calls) keeps the methods' input-only work per tensor, for searches; whole-
+    tensor precomputations in it are bounded by ``precompute_bytes`` (None: unbounded).
     """
     tensors = [sources[m].get(n, dtype=dtype, device=device) for m, n in zip(job.models, job.tensor_names)]
     if job.permute_vocabulary:
         tensors = plan.vocabulary.align(job.models, tensors, job.base)
-    tensor_cache = None
+    tensor_cache, precompute = None, False
     if cache is not None:
-        tensor_cache = cache.setdefault((job.name, tuple(job.models), tuple(job.tensor_names), job.base), {})
+        tensor_cache, precompute = _tensor_cache(cache, job, tensors[0].element_size(), precompute_bytes)
     ctx = TensorContext(name=job.name, generator=_generator(seed, job.name, device), is_embedding=job.is_embedding,
-                        cache=tensor_cache)
+                        cache=tensor_cache, precompute=precompute)
     result = plan.method.fn(tensors, job.base, job.model_params, job.params, ctx)
-    if not torch.isfinite(result).all():
+    if not _all_finite(result):
         raise EvomergeError(f"tensor {job.name}: the merge produced NaN or Inf")
     return result
 
 
 def run_plan(plan: MergePlan, sources: dict[str, Source], sink: Callable[[TensorJob, torch.Tensor], None], *,
              dtype: torch.dtype | None, device: str = "cpu", seed: int | None = None,
-             progress: bool = False, cache: dict | None = None) -> None:
+             progress: bool = False, cache: dict | None = None, precompute_bytes: int | None = None) -> None:
+    compute = partial(compute_tensor, plan=plan, sources=sources, dtype=dtype, device=device, seed=seed,
+                      cache=cache, precompute_bytes=precompute_bytes)
     if not progress:
         for job in plan.jobs:
-            sink(job, compute_tensor(job, plan, sources, dtype=dtype, device=device, seed=seed, cache=cache))
+            sink(job, compute(job))
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -95,7 +123,7 @@ def run_plan(plan: MergePlan, sources: dict[str, Source], sink: Callable[[Tensor
         task = bar.add_task("merge", total=len(plan.jobs), tensor="")
         for job in plan.jobs:
             bar.update(task, tensor=job.name)
-            sink(job, compute_tensor(job, plan, sources, dtype=dtype, device=device, seed=seed, cache=cache))
+            sink(job, compute(job))
             bar.advance(task)
 
 
@@ -232,10 +260,12 @@ def recipe_stochastic(recipe: Recipe) -> bool:
 
 
 def merge_into(model: torch.nn.Module, recipe: Recipe, sources: dict[str, Source], *, dtype: str | None = None,
-               device: str = "cpu", seed: int | None = None, cache: dict | None = None) -> MergePlan:
+               device: str = "cpu", seed: int | None = None, cache: dict | None = None,
+               precompute_bytes: int | None = None) -> MergePlan:
     """Materialize ``recipe`` into ``model``'s parameters in place (no checkpoint is written).
 
-    Pass the same ``cache`` dict for every candidate merged from the same sources (a search).
+    Pass the same ``cache`` dict for every candidate merged from the same sources (a search);
+    ``precompute_bytes`` bounds its whole-tensor precomputations (None: unbounded).
     """
     compute_dtype, _ = _dtypes(recipe, dtype)
     plan = plan_merge(recipe, sources)
@@ -248,5 +278,6 @@ def merge_into(model: torch.nn.Module, recipe: Recipe, sources: dict[str, Source
         with torch.no_grad():
             state[job.name].copy_(tensor)
 
-    run_plan(plan, sources, into_model, dtype=compute_dtype, device=device, seed=seed, cache=cache)
+    run_plan(plan, sources, into_model, dtype=compute_dtype, device=device, seed=seed, cache=cache,
+             precompute_bytes=precompute_bytes)
     return plan

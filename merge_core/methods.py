@@ -53,13 +53,15 @@ class TensorContext:
 
     ``cache``: when the engine passes the same dict for repeated merges of the same input tensors (a
     search trying many densities or weights), task arithmetic keeps its density-independent work there
-    (the magnitude histogram of each task vector: 128 KiB per model) instead of recomputing it.
+    instead of recomputing it: the magnitude histogram of each task vector (128 KiB per model), and, if
+    ``precompute``, the task vectors themselves and their sorted magnitudes (twice their size).
     """
 
     name: str
     generator: torch.Generator | None = None
     is_embedding: bool = False
     cache: dict | None = None
+    precompute: bool = False
 
 
 @dataclass(frozen=True)
@@ -372,16 +374,29 @@ def _kth_largest_key(k: int, key_chunks: Callable[[], Iterable[Tensor]], top_cou
     return prefix, remaining, int(counts[digit])
 
 
-def _top_k_selector(k: int, n: int, key_chunks: Callable[[], Iterable[Tensor]], top_counts: Tensor,
+def _sorted_key_finder(sorted_keys: Tensor) -> Callable[[int], tuple[int, int, int]]:
+    """``_kth_largest_key`` from the keys sorted once (a search's cache): one lookup and two bisections
+    per density instead of radix passes over the task vector."""
+    n = sorted_keys.numel()
+
+    def find(k: int) -> tuple[int, int, int]:
+        key = sorted_keys[n - k:n - k + 1]
+        first, after = (int(torch.searchsorted(sorted_keys, key, right=right)) for right in (False, True))
+        return int(key), k - (n - after), after - first
+
+    return find
+
+
+def _top_k_selector(k: int, n: int, find_key: Callable[[int], tuple[int, int, int]],
                     dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
     """A function giving, for each task-vector chunk in order, its 0/1 mask (in ``dtype``) of the k
-    largest magnitudes. Ties at the threshold go to the lowest indices (mergekit's argsort breaks them
-    in an unspecified order, so 16-bit inputs can differ there). Masks are built with arithmetic, which
-    is several times faster than comparisons on CPU."""
+    largest magnitudes; ``find_key(k)`` is ``_kth_largest_key``'s answer. Ties at the threshold go to the
+    lowest indices (mergekit's argsort breaks them in an unspecified order, so 16-bit inputs can differ
+    there). Masks are built with arithmetic, which is several times faster than comparisons on CPU."""
     if k <= 0 or k >= n:
         return lambda delta: torch.full(delta.shape, float(k > 0), dtype=dtype)
     size = torch.empty(0, dtype=dtype).element_size()
-    key, left, equal = _kth_largest_key(k, key_chunks, top_counts, 8 * size)
+    key, left, equal = find_key(k)
     threshold = torch.tensor(key, dtype=_KEY_DTYPES[size]).view(dtype).item()
     state = {"ties_left": left}
 
@@ -446,8 +461,7 @@ def _sparsify_plan(tensors, base, i, p, params, ctx, kind, chunks):
         def key_chunks():
             return (magnitude_keys(d) for d in deltas())
 
-        counts = _cached(ctx, ("top_digit_counts", i), lambda: _top_digit_counts(key_chunks()))
-        select = partial(_top_k_selector, n=n, key_chunks=key_chunks, top_counts=counts, dtype=dtype)
+        select = partial(_top_k_selector, n=n, find_key=_key_finder(ctx, i, key_chunks, dtype), dtype=dtype)
         if kind == "magnitude":
             keep = select(max(1, int(density * n)))
         else:
@@ -487,6 +501,19 @@ def _sparsify_plan(tensors, base, i, p, params, ctx, kind, chunks):
         stored.append(mask)
     before, after = torch.tensor(before, dtype=work), torch.tensor(after, dtype=work)
     return (lambda j, delta: stored[j]), (None if before < 1e-7 or after < 1e-7 else before / after)
+
+
+def _key_finder(ctx: TensorContext, i: int, key_chunks: Callable[[], Iterable[Tensor]],
+                dtype: torch.dtype) -> Callable[[int], tuple[int, int, int]]:
+    """How the k-th largest magnitude of model i's task vector is found: from its keys sorted once when
+    a search may precompute them, else by radix selection over the chunks (16-bit keys need no pass over
+    the chunks beyond the histogram, which a search caches)."""
+    bits = 8 * torch.empty(0, dtype=dtype).element_size()
+    if ctx.precompute and ctx.cache is not None and bits > 16:
+        ordered = _cached(ctx, ("sorted_keys", i), lambda: torch.sort(torch.cat(list(key_chunks()))).values)
+        return _sorted_key_finder(ordered)
+    counts = _cached(ctx, ("top_digit_counts", i), lambda: _top_digit_counts(key_chunks()))
+    return partial(_kth_largest_key, key_chunks=key_chunks, top_counts=counts, bits=bits)
 
 
 def _check_densities(kind: str | None, model_params, params) -> None:
@@ -572,12 +599,12 @@ def _task_arithmetic_chunks(tensors, base, model_params, params, ctx, sparsifica
              for i in others]
     weights = torch.tensor([model_params[i]["weight"] for i in others], dtype=origin.dtype).view(-1, 1)
     flat = [t.reshape(-1) for t in tensors]
+    stored = _stored_deltas(flat, base, others, ctx, sparsification)
     out = torch.empty_like(flat[base])
     for j, c in enumerate(chunks):
         start = flat[base][c]
-        deltas = torch.empty((len(others), start.numel()), dtype=start.dtype)
-        for row, i, weight, (keep, scale) in zip(deltas, others, weights.tolist(), plans):
-            torch.sub(flat[i][c], start, out=row)
+        deltas = _chunk_deltas(flat, start, others, c) if stored is None else stored[:, c].clone()
+        for row, weight, (keep, scale) in zip(deltas, weights.tolist(), plans):
             if keep is not None:
                 row.mul_(keep(j, row))
             if scale is not None and scale.dtype == row.dtype:
@@ -587,6 +614,22 @@ def _task_arithmetic_chunks(tensors, base, model_params, params, ctx, sparsifica
             row.mul_(weight[0])
         torch.add(start, _combine(deltas, weights, consensus, params), out=out[c])
     return out.view(origin.shape)
+
+
+def _chunk_deltas(flat: list[Tensor], start: Tensor, others: list[int], c: slice) -> Tensor:
+    deltas = torch.empty((len(others), start.numel()), dtype=start.dtype)
+    for row, i in zip(deltas, others):
+        torch.sub(flat[i][c], start, out=row)
+    return deltas
+
+
+def _stored_deltas(flat: list[Tensor], base: int, others: list[int], ctx: TensorContext,
+                   sparsification: str | None) -> Tensor | None:
+    """The task vectors as rows, kept in a search's cache when it may precompute them (deterministic
+    sparsification only: random masks are drawn chunk by chunk)."""
+    if not (ctx.precompute and ctx.cache is not None and sparsification in (None, "magnitude", "magnitude_outliers")):
+        return None
+    return _cached(ctx, ("deltas",), lambda: torch.stack([flat[i] - flat[base] for i in others]))
 
 
 _TASK_ARITHMETIC_VARIANTS = {

@@ -196,14 +196,18 @@ def test_rescaled_random_sparsification_keeps_expected_delta():
     assert (mean - delta).abs().mean() < 0.1 * delta.abs().mean()
 
 
-def test_cache_reuse_across_densities_gives_same_result(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["ties", "breadcrumbs_ties"])
+def test_cache_reuse_across_densities_gives_same_result(monkeypatch, name, dtype):
+    """The cached path (sorted magnitude keys) selects exactly what radix selection does, ties included
+    (bf16 has many magnitudes equal to the threshold)."""
     monkeypatch.setattr(methods, "_CHUNK", 1000)
-    tensors = models((70, 50), 3)
+    tensors = models((70, 50), 3, dtype)
     cache = {}
-    for density in (0.2, 0.5, 0.9):
-        per_model = [{"weight": 0.5, "density": density}] * 2
-        assert torch.equal(run_ours("ties", tensors, 0, per_model, {}, cache=cache),
-                           run_ours("ties", tensors, 0, per_model, {}))
+    for density in (0.2, 0.5, 0.9, 0.5):
+        per_model = [{"weight": 0.5, "density": density}, {"weight": 0.8, "density": 1.2 - density}]
+        assert torch.equal(run_ours(name, tensors, 0, per_model, {}, cache=cache),
+                           run_ours(name, tensors, 0, per_model, {}))
     assert cache
 
 
