@@ -60,12 +60,12 @@ def models(shape, count, dtype=torch.float32, seed=1):
     return [base.to(dtype)] + [(base + 0.05 * torch.randn(shape, generator=g)).to(dtype) for _ in range(count - 1)]
 
 
-def run_ours(name, tensors, base, per_model, params, seed=0, cache=None):
+def run_ours(name, tensors, base, per_model, params, seed=0, cache=None, precompute=False):
     method = METHODS[name]
     supplied = iter(per_model)
     model_params = [{**method.model_params, **next(supplied, {})} if method.base_is_input or i != base else {}
                     for i in range(len(tensors))]
-    ctx = TensorContext("t", generator=torch.Generator().manual_seed(seed), cache=cache)
+    ctx = TensorContext("t", generator=torch.Generator().manual_seed(seed), cache=cache, precompute=precompute)
     return method.fn(tensors, base, model_params, {**method.params, **params}, ctx)
 
 
@@ -196,19 +196,21 @@ def test_rescaled_random_sparsification_keeps_expected_delta():
     assert (mean - delta).abs().mean() < 0.1 * delta.abs().mean()
 
 
+@pytest.mark.parametrize("precompute", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("name", ["ties", "breadcrumbs_ties"])
-def test_cache_reuse_across_densities_gives_same_result(monkeypatch, name, dtype):
-    """The cached path (sorted magnitude keys) selects exactly what radix selection does, ties included
-    (bf16 has many magnitudes equal to the threshold)."""
+@pytest.mark.parametrize("name,params", [("ties", {}), ("breadcrumbs_ties", {}), ("ties", {"rescale": True}),
+                                         ("task_arithmetic", {}), ("dare_ties", {})])
+def test_cache_reuse_across_densities_gives_same_result(monkeypatch, name, params, dtype, precompute):
+    """Cached histograms, task vectors and sorted magnitude keys give the uncached bytes, ties at the
+    threshold included (bf16 has many magnitudes equal to it)."""
     monkeypatch.setattr(methods, "_CHUNK", 1000)
     tensors = models((70, 50), 3, dtype)
     cache = {}
     for density in (0.2, 0.5, 0.9, 0.5):
         per_model = [{"weight": 0.5, "density": density}, {"weight": 0.8, "density": 1.2 - density}]
-        assert torch.equal(run_ours(name, tensors, 0, per_model, {}, cache=cache),
-                           run_ours(name, tensors, 0, per_model, {}))
-    assert cache
+        assert torch.equal(run_ours(name, tensors, 0, per_model, params, cache=cache, precompute=precompute),
+                           run_ours(name, tensors, 0, per_model, params))
+    assert bool(cache) == (name != "dare_ties" and (precompute or name != "task_arithmetic"))
 
 
 def test_linear_weights_one_zero_returns_first_model():

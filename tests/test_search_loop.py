@@ -113,3 +113,26 @@ def test_unknown_search_parameter_is_refused(fam, tmp_path):
 
     with pytest.raises(EvomergeError, match="slerp has no parameter 'density'"):
         check_method_parameters(config_for(fam, tmp_path, method="slerp", parameters={"density": {"low": 0.1, "high": 1}}))
+
+
+@pytest.mark.parametrize("budget", [0, 40_000, None])
+def test_materialized_candidates_match_a_fresh_merge_whatever_the_precompute_budget(fam, budget):
+    """Within the budget tensors take the precomputed path, beyond it the streaming one: same bytes."""
+    from transformers import AutoModelForCausalLM
+
+    from merge_core.checkpoint import CheckpointReader
+    from merge_core.engine import merge_into
+    from merge_core.memory import TensorSource
+    from merge_core.recipe import load_recipe
+
+    sources = {ref: TensorSource.load(CheckpointReader(fam[ref])) for ref in ("base", "ft1", "ft2")}
+    live, fresh = (AutoModelForCausalLM.from_pretrained(fam["base"]) for _ in range(2))
+    cache = {}
+    for density in (0.3, 0.8, 0.3):
+        recipe = load_recipe({"merge_method": "ties", "base_model": "base", "models": [
+            {"model": "ft1", "parameters": {"weight": 0.7, "density": density}},
+            {"model": "ft2", "parameters": {"weight": 0.5, "density": 1.1 - density}}]})
+        merge_into(live, recipe, sources, cache=cache, precompute_bytes=budget)
+        merge_into(fresh, recipe, sources)
+        assert all(torch.equal(a, b) for a, b in zip(live.state_dict().values(), fresh.state_dict().values()))
+    assert cache["precomputed_bytes"] <= (budget if budget is not None else float("inf"))
