@@ -137,6 +137,7 @@ class ZooSpec:
     finetune_steps: int = 100
     finetune_batch: int = 64
     finetune_lr: float = 3e-3
+    conflicting: tuple[str, ...] = ("rev",)
     replay_share: float = 0.5
     merge_weights: tuple[float, ...] = (0.6, 0.8, 1.0, 1.2, 1.5)
 
@@ -157,10 +158,11 @@ class Zoo:
     base: Path
     finetunes: dict[str, Path]
     manifest: dict = field(repr=False)
+    conflicting: dict[str, Path] = field(default_factory=dict)
 
     @property
     def models(self) -> dict[str, Path]:
-        return {"base": self.base, **self.finetunes}
+        return {"base": self.base, **self.finetunes, **self.conflicting}
 
 
 # --- training -----------------------------------------------------------------------------------------
@@ -266,13 +268,16 @@ def _pretrain_batches(spec: ZooSpec, tokenizer, held_out: set[str]):
         yield _batch(tokenizer, prompts, answers, answer_only=False)
 
 
-def _finetune_batches(spec: ZooSpec, skill: str, tokenizer, base, held_out: set[str]):
+def _finetune_batches(spec: ZooSpec, skill: str, tokenizer, base, held_out: set[str], greedy_replay: bool = False):
     """Own-skill items with correct answers, plus the other skills' prompts with the base's answers and
     next-token distributions: replay that keeps the base's (uncertain) behaviour instead of sharpening
-    its sloppy answers, which would build a delta that cancels the other skills' deltas in a merge."""
+    its sloppy answers, which would build a delta that cancels the other skills' deltas in a merge.
+
+    ``greedy_replay`` trains on the base's greedy answers instead, as many real fine-tunes do: the
+    model stays good at its skill alone, but its delta fights the others' in a merge."""
     import torch
 
-    rng = random.Random(f"{spec.seed}-{skill}")
+    rng = random.Random(f"{spec.seed}-{skill}" + ("-greedy" if greedy_replay else ""))
     others = [SKILLS[s] for s in spec.skills if s != skill]
     n_replay = round(spec.finetune_batch * spec.replay_share)
     replay_prompts: list[str] = []
@@ -289,8 +294,9 @@ def _finetune_batches(spec: ZooSpec, skill: str, tokenizer, base, held_out: set[
         answers = [i.answer for i in own] + [replay_answers[p] for p in replay]
         ids, mask, labels = _batch(tokenizer, prompts, answers, answer_only=True)
         replayed = torch.arange(len(prompts)) >= len(own)
-        kl_mask = (labels != -100) & replayed[:, None]
-        labels[replayed] = -100
+        kl_mask = (labels != -100) & replayed[:, None] & (not greedy_replay)
+        if not greedy_replay:
+            labels[replayed] = -100
         with torch.no_grad():
             base_logprobs = base(input_ids=ids, attention_mask=mask).logits.log_softmax(-1)
         yield ids, mask, labels, kl_mask, base_logprobs
@@ -384,19 +390,32 @@ def score_skills(model, tokenizer, skills: Iterable[str], split: str = "test") -
     return {skill: exact_match(model, tokenizer, eval_items(skill, split)) for skill in skills}
 
 
-def finetune(base, tokenizer, spec: ZooSpec, skill: str, held_out: set[str], log: Callable[[str], None]):
+def finetune(base, tokenizer, spec: ZooSpec, skill: str, held_out: set[str], log: Callable[[str], None],
+             greedy_replay: bool = False):
     """One skill's LoRA fine-tune of a copy of ``base``, folded into a plain model."""
     import copy
 
     import torch
 
-    torch.manual_seed(spec.seed + 1 + spec.skills.index(skill))
+    seed = _finetune_seed(spec, skill, greedy_replay)
+    torch.manual_seed(seed)
     model = copy.deepcopy(base)
-    params = _add_lora(model, spec.lora_rank, spec.lora_alpha, spec.seed + 1 + spec.skills.index(skill))
-    batches = _finetune_batches(spec, skill, tokenizer, base, held_out)
-    _train(model, params, batches, spec.finetune_steps, spec.finetune_lr, log, skill, _finetune_loss)
+    params = _add_lora(model, spec.lora_rank, spec.lora_alpha, seed)
+    batches = _finetune_batches(spec, skill, tokenizer, base, held_out, greedy_replay)
+    name = conflicting_name(skill) if greedy_replay else skill
+    _train(model, params, batches, spec.finetune_steps, spec.finetune_lr, log, name, _finetune_loss)
     _fold_lora(model)
     return model
+
+
+def conflicting_name(skill: str) -> str:
+    """The second fine-tune of ``skill``, trained with greedy replay (e.g. ``rev2``)."""
+    return f"{skill}2"
+
+
+def _finetune_seed(spec: ZooSpec, skill: str, greedy_replay: bool) -> int:
+    offset = len(spec.skills) + spec.conflicting.index(skill) if greedy_replay else spec.skills.index(skill)
+    return spec.seed + 1 + offset
 
 
 def task_arithmetic(base, finetunes: list, weights: list[float]):
@@ -562,7 +581,7 @@ def _save(model, tokenizer, path: Path) -> None:
 
 
 def _merge_grid(base, tokenizer, finetunes: dict, spec: ZooSpec) -> list[dict]:
-    """Uniform task-arithmetic weights over all fine-tunes: proof that merging combines the skills."""
+    """Uniform task-arithmetic weights over the single-skill fine-tunes: proof that merging combines skills."""
     rows = []
     for weight in spec.merge_weights:
         merged = task_arithmetic(base, list(finetunes.values()), [weight] * len(finetunes))
@@ -576,9 +595,10 @@ def _average(scores: dict[str, float], spec: ZooSpec) -> float:
 
 
 def _load_zoo(directory: Path, manifest: dict) -> Zoo:
-    return Zoo(dir=directory, base=directory / manifest["models"]["base"]["path"],
-               finetunes={skill: directory / manifest["models"][skill]["path"] for skill in manifest["spec"]["skills"]},
-               manifest=manifest)
+    path = lambda name: directory / manifest["models"][name]["path"]  # noqa: E731
+    return Zoo(dir=directory, base=path("base"), finetunes={skill: path(skill) for skill in manifest["spec"]["skills"]},
+               manifest=manifest,
+               conflicting={conflicting_name(s): path(conflicting_name(s)) for s in manifest["spec"]["conflicting"]})
 
 
 def _cached(directory: Path, spec: ZooSpec) -> Zoo | None:
@@ -611,7 +631,8 @@ def build_zoo(directory: str | Path = DEFAULT_ZOO_DIR, spec: ZooSpec = DEFAULT_S
         cached = _cached(directory, spec)
         if cached is not None:
             return cached
-        foreign = [p.name for p in directory.iterdir() if p.name not in {".lock", MANIFEST, "base", *SKILLS}]
+        foreign = [p.name for p in directory.iterdir()
+                   if p.name not in {".lock", MANIFEST, "base", *SKILLS, *map(conflicting_name, SKILLS)}]
         if foreign:
             raise EvomergeError(f"{directory} is not a zoo directory (contains {sorted(foreign)[0]}); pick another")
         return _build(directory, spec, log)
@@ -628,19 +649,25 @@ def _build(directory: Path, spec: ZooSpec, log: Callable[[str], None]) -> Zoo:
         _train(base, list(base.parameters()), _pretrain_batches(spec, tokenizer, held_out), spec.base_steps,
                spec.base_lr, log, "base")
         finetunes = {skill: finetune(base, tokenizer, spec, skill, held_out, log) for skill in spec.skills}
-        models = {"base": base, **finetunes}
+        conflicting = {conflicting_name(skill): finetune(base, tokenizer, spec, skill, held_out, log, greedy_replay=True)
+                       for skill in spec.conflicting}
+        models = {"base": base, **finetunes, **conflicting}
         for name, model in models.items():
             shutil.rmtree(directory / name, ignore_errors=True)
             _save(model, tokenizer, directory / name)
         scores = {name: {split: score_model(model, tokenizer, spec.skills, split) for split in ("search", "test")}
                   for name, model in models.items()}
         grid = _merge_grid(base, tokenizer, finetunes, spec)
+        everything = list(finetunes.values()) + list(conflicting.values())
+        naive = score_skills(task_arithmetic(base, everything, [1 / len(everything)] * len(everything)),
+                             tokenizer, spec.skills)
     best_source = max(_average(scores[name]["test"], spec) for name in models)
     best_merge = max(grid, key=lambda row: row["average"])
     manifest = {
         "digest": spec.digest(),
         "spec": asdict(spec),
-        "seeds": {"base": spec.seed, **{skill: spec.seed + 1 + i for i, skill in enumerate(spec.skills)},
+        "seeds": {"base": spec.seed, **{skill: _finetune_seed(spec, skill, False) for skill in spec.skills},
+                  **{conflicting_name(s): _finetune_seed(spec, s, True) for s in spec.conflicting},
                   "tasks": TASK_SEED},
         "tasks": {skill: task_name(skill) for skill in spec.skills} | {f"{MC_SKILL}_mc": MC_TASK},
         "models": {name: {"path": name, "scores": scores[name]} for name in models},
@@ -648,6 +675,7 @@ def _build(directory: Path, spec: ZooSpec, log: Callable[[str], None]) -> Zoo:
         "best_source_average": best_source,
         "best_merge": best_merge,
         "merge_margin": round(best_merge["average"] - best_source, 4),
+        "equal_weights_all_finetunes": {"scores": naive, "average": _average(naive, spec)},
         "build_seconds": round(time.perf_counter() - start, 1),
         "build_cpu_seconds": round(time.process_time() - start_cpu, 1),
     }
@@ -659,8 +687,9 @@ def _build(directory: Path, spec: ZooSpec, log: Callable[[str], None]) -> Zoo:
 
 
 def ensure_zoo(directory: str | Path | None = None, spec: ZooSpec = DEFAULT_SPEC) -> Zoo:
-    """The shared cached zoo (``$EVOMERGE_ZOO_DIR`` or ``.zoo/`` at the repo root) for tests and demos."""
-    return build_zoo(directory or os.environ.get(ZOO_CACHE_ENV) or REPO_ROOT / ".zoo", spec)
+    """The shared cached zoo (``$EVOMERGE_ZOO_DIR`` or ``results/zoo`` at the repo root): the test suite and
+    ``evomerge demo`` build it once between them."""
+    return build_zoo(directory or os.environ.get(ZOO_CACHE_ENV) or REPO_ROOT / DEFAULT_ZOO_DIR, spec)
 
 
 def summary(zoo: Zoo) -> str:

@@ -247,23 +247,12 @@ def test_perplexity_is_lower_is_better_with_per_chunk_samples_and_follows_weight
     assert uniform == pytest.approx(model.config.vocab_size, rel=1e-4)
 
 
-# --- the demo zoo (only when already built: training it takes minutes) ---------------------------------
-
-def _built_zoo():
-    from search import zoo
-
-    directory = Path(os.environ.get(zoo.ZOO_CACHE_ENV) or zoo.REPO_ROOT / ".zoo")
-    try:
-        digest = json.loads((directory / zoo.MANIFEST).read_text())["digest"]
-    except (OSError, ValueError, KeyError):
-        return None
-    return zoo.ensure_zoo(directory) if digest == zoo.DEFAULT_SPEC.digest() else None
-
+# --- the demo zoo (built once per machine and shared with the other tests) ------------------------------
 
 def test_each_zoo_fine_tune_masters_its_own_task_through_lm_eval():
-    zoo = _built_zoo()
-    if zoo is None:
-        pytest.skip("demo zoo not built (evomerge zoo build, or any test that builds it)")
+    from search import zoo as zoo_module
+
+    zoo = zoo_module.ensure_zoo()
     from evaluators import load_model
 
     tasks = zoo.manifest["tasks"]

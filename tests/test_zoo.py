@@ -19,7 +19,7 @@ SPLITS = ("search", "test")
 
 @pytest.fixture(scope="session")
 def family() -> zoo.Zoo:
-    """Built once per machine (cached under .zoo/ or $EVOMERGE_ZOO_DIR) and shared with other tests."""
+    """Built once per machine (cached under results/zoo or $EVOMERGE_ZOO_DIR) and shared with other tests."""
     return zoo.ensure_zoo()
 
 
@@ -89,11 +89,21 @@ def test_each_finetune_masters_its_own_skill_and_no_other_while_the_base_masters
     tokenizer, models = loaded
     skills = list(family.finetunes)
     assert len(skills) >= 3
+    own = {s: s for s in skills} | {zoo.conflicting_name(s): s for s in family.manifest["spec"]["conflicting"]}
     for name, model in models.items():
         scores = zoo.score_skills(model, tokenizer, skills, "test")
         assert scores == {s: family.manifest["models"][name]["scores"]["test"][s] for s in skills}
         for skill, score in scores.items():
-            assert (score >= 0.6) if skill == name else (score <= 0.25), (name, skill, score)
+            assert (score >= 0.6) if skill == own.get(name) else (score <= 0.25), (name, skill, score)
+
+
+def test_the_greedy_replay_finetune_fights_the_others_so_equal_weights_are_not_enough(family):
+    """The family has a second reversal fine-tune trained on the base's greedy answers: alone it is a fine
+    reversal model, but an equal-weight merge of all fine-tunes loses skills that the clean merge keeps,
+    which is the work left for the search."""
+    manifest = family.manifest
+    assert set(family.conflicting) == {zoo.conflicting_name(s) for s in manifest["spec"]["conflicting"]}
+    assert manifest["equal_weights_all_finetunes"]["average"] <= manifest["best_merge"]["average"] - 0.2
 
 
 def test_multiple_choice_task_separates_the_reversal_finetune_from_the_base(family):
@@ -144,7 +154,7 @@ def test_manifest_records_spec_seeds_and_a_spec_and_code_digest(family):
     manifest = family.manifest
     assert manifest["spec"] == json.loads(json.dumps(zoo.asdict(zoo.DEFAULT_SPEC)))
     assert manifest["digest"] == zoo.DEFAULT_SPEC.digest() != replace(zoo.DEFAULT_SPEC, seed=1).digest()
-    assert set(manifest["seeds"]) == {"base", "tasks", *family.finetunes}
+    assert set(manifest["seeds"]) == {"base", "tasks", *family.finetunes, *family.conflicting}
     # CPU time, not wall time: the limit is for 2 idle cores, and tests often share them
     assert manifest["build_cpu_seconds"] < 360
 
