@@ -10,7 +10,8 @@ import json
 import os
 import shutil
 import zlib
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -28,6 +29,36 @@ from merge_core.vocab import Vocabulary, build_vocabulary
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+class BackgroundWrites:
+    """Writes tensors on one background thread while the next ones are computed (file writes release the
+    GIL), with at most ``depth`` tensors waiting, so memory stays bounded. Errors surface in the caller."""
+
+    def __init__(self, writer: ShardedWriter, depth: int = 2):
+        self.writer = writer
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evomerge-writer")
+        self.pending: deque = deque()
+        self.depth = depth
+
+    def __enter__(self) -> Callable[[str, torch.Tensor], None]:
+        return self.submit
+
+    def submit(self, name: str, tensor: torch.Tensor) -> None:
+        while len(self.pending) >= self.depth:
+            self.pending.popleft().result()
+        self.pending.append(self.pool.submit(self.writer.write, name, tensor))
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            while self.pending:
+                future = self.pending.popleft()
+                if exc_type is None:
+                    future.result()
+                else:
+                    future.cancel()
+        finally:
+            self.pool.shutdown(wait=True)
 
 
 def resolve_model_path(ref: str, recipe_dir: Path | None = None) -> Path:
@@ -236,11 +267,10 @@ def merge(recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", dtype: st
         layout = {job.name: (job.shape, out_dtype or sources[job.models[0]].dtype(job.tensor_names[0]))
                   for job in plan.jobs}
         writer = ShardedWriter(tmp, layout, max_shard_bytes=max_shard)
-
-        def to_disk(job: TensorJob, tensor: torch.Tensor) -> None:
-            writer.write(job.name, tensor.to(device="cpu", dtype=layout[job.name][1]))
-
-        run_plan(plan, sources, to_disk, dtype=compute_dtype, device=device, seed=seed, progress=progress)
+        with BackgroundWrites(writer) as to_disk:
+            run_plan(plan, sources, lambda job, tensor: to_disk(job.name, tensor.to(device="cpu",
+                                                                                   dtype=layout[job.name][1])),
+                     dtype=compute_dtype, device=device, seed=seed, progress=progress)
         writer.close()
         (tmp / "config.json").write_text(json.dumps(output_config(plan, out_dtype), indent=2))
         template_dir = sources[plan.template_model].path
