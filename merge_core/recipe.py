@@ -157,20 +157,23 @@ def describe_validation_error(err: ValidationError) -> str:
     return f"{loc}: {msg}{shown}" if loc else f"{msg}{shown}"
 
 
+def read_yaml_mapping(path: str | Path, what: str) -> dict:
+    """A YAML file's top-level mapping, or a one-line error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvomergeError(f"{what} file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise EvomergeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise EvomergeError(f"{path}: expected a mapping of {what} keys, got {type(data).__name__}")
+    return data
+
+
 def load_recipe(source: str | Path | dict[str, Any]) -> Recipe:
     """Parse a recipe from a YAML path or a dict; errors are one-line ``EvomergeError``s."""
-    where = "recipe"
-    if isinstance(source, dict):
-        data = source
-    else:
-        path = Path(source)
-        where = str(path)
-        if not path.is_file():
-            raise EvomergeError(f"recipe file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise EvomergeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    where, data = ("recipe", source) if isinstance(source, dict) else (str(source), read_yaml_mapping(source, "recipe"))
     if not isinstance(data, dict):
         raise EvomergeError(f"{where}: expected a mapping of recipe keys, got {type(data).__name__}")
     if data.get("merge_method") == "moe":

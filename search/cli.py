@@ -93,6 +93,7 @@ def _print_outcome(study) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from search.loop import check_config
@@ -103,7 +104,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for key, value in summary.items():
         shown = "\n".join(f"{k}: {v}" for k, v in value.items()) if isinstance(value, dict) else (
             ", ".join(map(str, value)) if isinstance(value, list) else str(value))
-        table.add_row(key, shown)
+        table.add_row(key, escape(shown))
     Console().print(table)
     return 0
 

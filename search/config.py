@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from merge_core.errors import EvomergeError
 from merge_core.methods import get_method
-from merge_core.recipe import describe_validation_error
+from merge_core.recipe import describe_validation_error, read_yaml_mapping
 
 
 class _Strict(BaseModel):
@@ -105,15 +104,7 @@ def check_method_parameters(config: SearchConfig) -> None:
 
 
 def load_search_config(path: str | Path) -> SearchConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise EvomergeError(f"search config not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise EvomergeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise EvomergeError(f"{path}: expected a mapping of search settings")
+    data = read_yaml_mapping(path, "search config")
     try:
         config = SearchConfig.model_validate(data)
     except ValidationError as exc:
