@@ -424,22 +424,26 @@ def _draw(probabilities: Tensor, shape, generator: torch.Generator | None, dtype
     return (probabilities - torch.rand(shape, generator=generator)).sign_().clamp_(min=0).to(dtype)
 
 
-def _keep_draws(kept: int, n: int, generator: torch.Generator | None, dtype: torch.dtype) -> Tensor:
-    """n 0/1 draws, each 1 with probability kept/65536: four 16-bit uniforms per 64-bit random number,
-    several times cheaper than one float32 uniform per entry as mergekit draws. The comparison's bools
-    become ``dtype`` through uint8, much faster than bool → float on CPU."""
-    words = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, generator=generator)
-    return torch.lt(words.view(torch.int16)[:n], kept - 32768).view(torch.uint8).to(dtype)
+def _keep_bits(kept: int, n: int, generator: torch.Generator | None, dtype: torch.dtype) -> Tensor:
+    """n random masks for entries of ``dtype``, in the integer type of its size: all ones (keep) with
+    probability kept / 2^(bits-1), else zero. Random words are cut out of 64-bit draws and compared by
+    integer arithmetic (shift, subtract, shift the sign down), several times cheaper than a float32
+    uniform per entry, a comparison and a conversion, as mergekit draws."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    words = torch.empty((n * size + 7) // 8, dtype=torch.int64).random_(-2**63, None, generator=generator)
+    cut = kept - 2**(8 * size - 2)  # keep when (word >> 1) < cut; no step can overflow
+    return words.view(_KEY_DTYPES[size])[:n].bitwise_right_shift_(1).sub_(cut).bitwise_right_shift_(8 * size - 1)
 
 
-def _random_plan(density: float, rescale: bool, generator: torch.Generator | None, work: torch.dtype):
+def _random_plan(density: float, rescale: bool, generator: torch.Generator | None, dtype: torch.dtype):
     """DARE: each chunk's mask drawn when the chunk is merged (chunk by chunk, model after model), so no
     mask is stored and no pass precedes the merge. Rescaling divides by the keep probability, which keeps
     the expected task vector exactly (mergekit divides by the kept share of the l1 norm instead, which
     needs that pass and differs from it only by sampling noise)."""
-    kept = min(max(round(density * 65536), 1), 65535)
-    scale = torch.tensor(65536 / kept, dtype=work) if rescale else None
-    return (lambda j, delta: _keep_draws(kept, delta.numel(), generator, work)), scale
+    levels = 2**(8 * torch.empty(0, dtype=dtype).element_size() - 1)
+    kept = min(max(round(density * levels), 1), levels - 1)
+    scale = torch.tensor(levels / kept, dtype=_bernoulli_dtype(dtype)) if rescale else None
+    return (lambda j, delta: _keep_bits(kept, delta.numel(), generator, dtype)), scale
 
 
 def _della_keep(delta: Tensor, density: float, epsilon: float, work: torch.dtype,
@@ -457,7 +461,7 @@ def _della_keep(delta: Tensor, density: float, epsilon: float, work: torch.dtype
 
 def _sparsify_plan(tensors, base, i, p, params, ctx, kind, chunks):
     """How model i's task vector is sparsified: ``keep(j, delta)``, called in chunk order, gives chunk
-    j's 0/1 mask (or is None), and the l1 rescale factor (or None).
+    j's mask (0/1 floats, or all-ones/zero integer bits; or is None), and the rescale factor (or None).
 
     Magnitude and random masks are computed on the fly; DELLA's, and rescaled magnitude ones, are made
     first in one pass per model (model after model, so DELLA's draws come in mergekit's order) that also
@@ -494,7 +498,7 @@ def _sparsify_plan(tensors, base, i, p, params, ctx, kind, chunks):
             return (lambda j, delta: keep(delta)), None
         masks = (keep(d) for d in deltas())
     elif kind == "random":
-        return _random_plan(density, params["rescale"], ctx.generator, _bernoulli_dtype(dtype))
+        return _random_plan(density, params["rescale"], ctx.generator, dtype)
     else:
         work = _bernoulli_dtype(dtype)
         shape = tensors[base].shape
@@ -568,6 +572,19 @@ def _row_sum(rows: Tensor) -> Tensor:
     return total
 
 
+def _sum_consensus_by_sign_bits(deltas: Tensor) -> Tensor:
+    """TIES ``sum`` election on the floats' sign bits (consumes ``deltas``): an entry is kept when its sign
+    bit is the weighted sum's. Integer ops are several times faster than ``sign()`` arithmetic on CPU and
+    the same bits as mergekit's ``(deltas * agrees).sum(0)``: a dropped entry becomes +0 either way, and
+    a -0 sum of votes counts as positive (adding +0 makes it +0) as mergekit's ``>= 0`` does."""
+    size = deltas.element_size()
+    votes = _row_sum(deltas).add_(0.0).view(_KEY_DTYPES[size])
+    bits = deltas.view(_KEY_DTYPES[size])
+    differs = torch.bitwise_xor(bits, votes).bitwise_right_shift_(8 * size - 1)  # -1 where signs differ, else 0
+    bits.bitwise_and_(differs.bitwise_not_())
+    return _row_sum(deltas)
+
+
 def _combine(deltas: Tensor, weights: Tensor, consensus: str | None, params) -> Tensor:
     """Merge weighted task-vector rows (consumes ``deltas``): TIES sign election (``sum`` weighs by
     magnitude, ``count`` by votes) keeps only agreeing entries; ``normalize`` divides by the weights that
@@ -576,6 +593,8 @@ def _combine(deltas: Tensor, weights: Tensor, consensus: str | None, params) -> 
         mixed = _row_sum(deltas)
         divisor = weights.sum(dim=0)
         divisor[divisor.abs() < 1e-8] = 1
+    elif consensus == "sum" and not params["normalize"]:
+        mixed = _sum_consensus_by_sign_bits(deltas)
     else:
         sign = deltas.sign()
         votes = _row_sum(deltas) if consensus == "sum" else _row_sum(sign)
@@ -622,7 +641,7 @@ def _task_arithmetic_chunks(tensors, base, model_params, params, ctx, sparsifica
         deltas = _chunk_deltas(flat, start, others, c) if stored is None else stored[:, c].clone()
         for row, weight, (keep, scale) in zip(deltas, weights.tolist(), plans):
             if keep is not None:
-                row.mul_(keep(j, row))
+                _apply_mask(row, keep(j, row))
             if scale is not None and scale.dtype == row.dtype:
                 row.mul_(scale)
             elif scale is not None:  # float16 inputs: mergekit rescales in float32
@@ -630,6 +649,14 @@ def _task_arithmetic_chunks(tensors, base, model_params, params, ctx, sparsifica
             row.mul_(weight[0])
         torch.add(start, _combine(deltas, weights, consensus, params), out=out[c])
     return out.view(origin.shape)
+
+
+def _apply_mask(row: Tensor, mask: Tensor) -> None:
+    """Zero ``row`` where ``mask`` drops: a 0/1 float mask multiplies, an integer bit mask ands its bits."""
+    if mask.is_floating_point():
+        row.mul_(mask)
+    else:
+        row.view(mask.dtype).bitwise_and_(mask)
 
 
 def _chunk_deltas(flat: list[Tensor], start: Tensor, others: list[int], c: slice) -> Tensor:

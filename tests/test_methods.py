@@ -293,3 +293,20 @@ def test_valid_model_counts_pass():
     check_inputs(get_method("nuslerp"), 3, True)
     check_inputs(get_method("linear"), 3, True)
     check_inputs(get_method("ties"), 1, True)
+
+
+@pytest.mark.parametrize("rows", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_sign_bit_election_equals_mergekit_formula(dtype, rows):
+    """Zeros of either sign, exact cancellations and ties included."""
+    g = torch.Generator().manual_seed(0)
+    deltas = torch.randn(rows, 4000, generator=g).to(dtype)
+    deltas[:, :500] = 0
+    deltas[0, 500:1000] = -0.0
+    deltas[1, 1000:1500] = -deltas[0, 1000:1500]
+    deltas[:, 1500:2000] *= torch.randint(0, 2, (rows, 500), generator=g).to(dtype)
+    majority = torch.where(deltas.sum(0) >= 0, 1, -1).to(dtype)  # mergekit's get_mask(method="sum")
+    expected = (deltas * (deltas.sign() == majority)).sum(0)
+    ours = methods._combine(deltas.clone(), torch.ones(rows, 1, dtype=dtype), "sum", {"normalize": False, "lambda": 1})
+    assert torch.equal(ours.view(methods._KEY_DTYPES[ours.element_size()]),
+                       expected.view(methods._KEY_DTYPES[ours.element_size()]))
