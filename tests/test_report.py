@@ -61,7 +61,7 @@ def config_for(fam, run_dir, **extra) -> SearchConfig:
     return SearchConfig.model_validate({
         "name": "r", "base_model": fam["base"], "models": [fam["ft1"], fam["ft2"]], "method": "task_arithmetic",
         "parameters": {"weight": {"low": 0.0, "high": 1.5}}, "tasks": [{"name": "attn"}, {"name": "rest", "weight": 2}],
-        "n_trials": 12, "output_dir": str(run_dir), **extra})
+        "n_trials": 20, "output_dir": str(run_dir), **extra})
 
 
 @pytest.fixture(scope="module")
