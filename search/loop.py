@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import sqlite3
@@ -21,10 +22,11 @@ from typing import Any
 
 import optuna
 import torch
-from optuna.storages import RDBStorage, RetryFailedTrialCallback
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.trial import TrialState
 from sqlalchemy import event
+from sqlalchemy.exc import IntegrityError, ProgrammingError
 from sqlalchemy.engine import Engine
 
 from merge_core.architecture import count_layers
@@ -43,6 +45,9 @@ HEARTBEAT_SECONDS = 10
 GRACE_SECONDS = 40
 MAX_RETRY = 2
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Whole-tensor precomputations a search keeps (task vectors, sorted magnitudes: about twice the fine-tunes'
+# size): all of a small family's, about a quarter of three 1B bf16 fine-tunes'; the rest streams per trial.
+PRECOMPUTE_BYTES = 4 << 30
 
 
 @event.listens_for(Engine, "connect")
@@ -58,11 +63,17 @@ def open_storage(config: SearchConfig) -> RDBStorage:
     """An RDB storage with heartbeats, so trials of a killed worker are failed and retried."""
     if config.storage is None:
         config.run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        return RDBStorage(config.storage_url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
-                          failed_trial_callback=RetryFailedTrialCallback(max_retry=MAX_RETRY))
-    except Exception as exc:
-        raise EvomergeError(f"storage {config.storage_url}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    for attempt in range(5):
+        try:
+            return RDBStorage(config.storage_url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
+        except (IntegrityError, ProgrammingError):
+            if attempt == 4:
+                raise EvomergeError(f"storage {config.storage_url}: could not create Optuna's tables") from None
+            time.sleep(0.5 + random.random())  # workers started together race to create the schema
+        except Exception as exc:
+            raise EvomergeError(f"storage {config.storage_url}: {type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0]}") from None
 
 
 def make_sampler(config: SearchConfig) -> optuna.samplers.BaseSampler:
@@ -96,19 +107,21 @@ def fail_orphaned_trials(study: optuna.Study) -> None:
         worker = trial.user_attrs.get("worker", "")
         worker_host, _, pid = worker.rpartition(":")
         if worker_host == host and pid.isdigit() and not _alive(int(pid)):
+            storage.set_trial_user_attr(trial._trial_id, "fail_reason", f"worker {worker} died")
             if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
-                storage.set_trial_user_attr(trial._trial_id, "fail_reason", f"worker {worker} died")
-                RetryFailedTrialCallback(max_retry=MAX_RETRY)(study, study._storage.get_trial(trial._trial_id))
+                RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, storage.get_trial(trial._trial_id))
     optuna.storages.fail_stale_trials(study)
 
 
-def budget_left(study: optuna.Study, config: SearchConfig, started: float) -> bool:
+def done_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Complete and running trials: one read serves both the budget check and the progress bar."""
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+
+
+def budget_left(done: list[optuna.trial.FrozenTrial], config: SearchConfig, started: float) -> bool:
     if config.timeout is not None and time.monotonic() - started >= config.timeout:
         return False
-    if config.n_trials is None:
-        return True
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-    return len(done) < config.n_trials
+    return config.n_trials is None or len(done) < config.n_trials
 
 
 @dataclass
@@ -134,7 +147,7 @@ class Workbench:
 
     def materialize(self, recipe: dict[str, Any]) -> None:
         merge_into(self.model, load_recipe(recipe), self.sources, device=self.config.device, seed=self.config.seed,
-                   cache=self.cache)
+                   cache=self.cache, precompute_bytes=PRECOMPUTE_BYTES)
 
     def load_source(self, ref: str) -> None:
         """Put one source model's own weights into the live model (for baselines)."""
@@ -238,27 +251,25 @@ def _surplus(study: optuna.Study, trial: optuna.Trial, config: SearchConfig) -> 
 def run_trial(study: optuna.Study, bench: Workbench) -> optuna.trial.FrozenTrial | None:
     """Ask, materialize, score, tell. None when the budget was used up by other workers meanwhile."""
     trial = study.ask()
-    trial.set_user_attr("worker", _worker_id())
     if _surplus(study, trial, bench.config):
-        trial.set_user_attr("surplus", True)
+        _set_user_attrs(study, trial, {"worker": _worker_id(), "surplus": True})
         study.tell(trial, state=TrialState.PRUNED)
         return None
     with get_heartbeat_thread(trial._trial_id, study._storage):
         try:
             values = {d.key: trial.suggest_float(d.key, d.low, d.high) for d in bench.dims}
             recipe = bench.recipe(values)
-            trial.set_user_attr("recipe", bench.recipe(values, portable=True))
+            _set_user_attrs(study, trial, {"worker": _worker_id(), "recipe": bench.recipe(values, portable=True)})
             started = time.perf_counter()
             bench.materialize(recipe)
             merged = time.perf_counter()
             scores = bench.evaluator.score(bench.model, bench.tokenizer)
             value = objective_of(scores, bench.config)
-            trial.set_user_attr("scores", scores.to_dict())
-            trial.set_user_attr("materialize_seconds", merged - started)
-            trial.set_user_attr("eval_seconds", time.perf_counter() - merged)
+            _set_user_attrs(study, trial, {"scores": scores.to_dict(), "materialize_seconds": merged - started,
+                                           "eval_seconds": time.perf_counter() - merged})
             if value != value:
                 raise EvomergeError("the objective is NaN")
-            study.tell(trial, value)
+            return study.tell(trial, value)
         except KeyboardInterrupt:
             trial.set_user_attr("fail_reason", "interrupted")
             study.tell(trial, state=TrialState.FAIL)
@@ -266,8 +277,23 @@ def run_trial(study: optuna.Study, bench: Workbench) -> optuna.trial.FrozenTrial
         except (Exception, MemoryError) as exc:
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             trial.set_user_attr("fail_reason", reason)
-            study.tell(trial, state=TrialState.FAIL)
-    return study._storage.get_trial(trial._trial_id)
+            return study.tell(trial, state=TrialState.FAIL)
+
+
+def _set_user_attrs(study: optuna.Study, trial: optuna.Trial, attrs: dict[str, Any]) -> None:
+    """Several user attributes in one RDB transaction: a commit each costs more than a small model's
+    materialization. (Optuna has no public batch call; other storages get one call per attribute.)"""
+    backend = getattr(study._storage, "_backend", None)
+    if not isinstance(backend, RDBStorage):
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        return
+    from optuna.storages._rdb.models import TrialUserAttributeModel
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    with _create_scoped_session(backend.scoped_session, True) as session:
+        for key, value in attrs.items():
+            backend._set_trial_attr_without_commit(session, TrialUserAttributeModel, trial._trial_id, key, value)
 
 
 def create_study(config: SearchConfig, bench: Workbench) -> optuna.Study:
@@ -302,11 +328,13 @@ def search(config: SearchConfig, *, config_dir: Path | None = None, evaluator=No
     started = time.monotonic()
     try:
         with _progress(progress, config, baselines) as report:
-            while not stop.requested and budget_left(study, config, started):
+            done = done_trials(study)
+            while not stop.requested and budget_left(done, config, started):
                 frozen = run_trial(study, bench)
                 if frozen is None:
                     break
-                report(study, frozen)
+                done = done_trials(study)
+                report(done, frozen)
                 if on_trial:
                     on_trial(study, frozen)
     finally:
@@ -325,7 +353,7 @@ class _progress:
 
     def __enter__(self):
         if not self.enabled:
-            return lambda study, frozen: None
+            return lambda done, frozen: None
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.bar = Progress(TextColumn("[bold]search"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -335,8 +363,8 @@ class _progress:
         self.task = self.bar.add_task("search", total=total, status=self.baseline_text)
         return self.update
 
-    def update(self, study: optuna.Study, frozen) -> None:
-        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    def update(self, done: list[optuna.trial.FrozenTrial], frozen) -> None:
+        complete = [t for t in done if t.state == TrialState.COMPLETE]
         best = max((t.value for t in complete), default=float("nan"))
         last = f"trial {frozen.number}: " + (f"{frozen.value:.3f}" if frozen.state == TrialState.COMPLETE
                                              else f"failed ({frozen.user_attrs.get('fail_reason', '?')})")

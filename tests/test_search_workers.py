@@ -29,7 +29,8 @@ def write_config(tmp_path: Path, family, n_trials: int) -> Path:
     config = {"name": "workers", "base_model": str(family.base), "models": [str(p) for p in family.finetunes.values()],
               "method": "task_arithmetic", "parameters": {"weight": {"low": 0.0, "high": 1.5}},
               "tasks": [{"name": "zoo_rev"}, {"name": "zoo_cap"}, {"name": "zoo_nxt"}],
-              "include_path": str(ROOT / "configs" / "tasks"), "limit": 10, "n_trials": n_trials, "threads": 1,
+              "include_path": str(ROOT / "configs" / "tasks"), "n_trials": n_trials, "threads": 1,
+              "batch_size": 1,
               "output_dir": str(tmp_path / "run")}
     path = tmp_path / "search.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -53,13 +54,16 @@ def test_search_resumes_after_kill_9_without_losing_or_repeating_a_trial(family,
     worker = start_worker(config, storage)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        time.sleep(0.2)
+        time.sleep(0.05)
         try:
             states = [t.state for t in trials(storage)]
         except Exception:
             continue
         if states.count(TrialState.COMPLETE) >= 2 and states[-1] == TrialState.RUNNING:
-            break
+            os.kill(worker.pid, signal.SIGSTOP)  # freeze it, then make sure it is still inside that trial
+            if trials(storage)[-1].state == TrialState.RUNNING:
+                break
+            os.kill(worker.pid, signal.SIGCONT)
     os.kill(worker.pid, signal.SIGKILL)
     worker.wait()
     killed = [t for t in trials(storage) if t.state == TrialState.RUNNING]
