@@ -97,3 +97,24 @@ def test_two_workers_share_one_postgresql_study_exactly(family, tmp_path):
     assert len({tuple(sorted(t.params.items())) for t in complete}) == 8
     assert len({t.user_attrs["worker"] for t in complete}) == 2, "both workers ran trials"
     assert len([t for t in complete if t.user_attrs.get("handwritten")]) == 1
+
+
+def test_ctrl_c_finishes_the_current_trial_then_stops_and_prints_the_best(family, tmp_path):
+    config = write_config(tmp_path, family, n_trials=50)
+    storage = f"sqlite:///{tmp_path}/study.db"
+    worker = start_worker(config, storage)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        try:
+            if [t.state for t in trials(storage)].count(TrialState.COMPLETE) >= 2:
+                break
+        except Exception:
+            continue
+    worker.send_signal(signal.SIGINT)
+    out, err = worker.communicate(timeout=120)
+    assert worker.returncode == 0, err
+    final = trials(storage)
+    assert not [t for t in final if t.state == TrialState.RUNNING]
+    assert 2 <= len([t for t in final if t.state == TrialState.COMPLETE]) < 50
+    assert "best trial" in out and "stopping after the current trial" in out
