@@ -210,7 +210,8 @@ def test_rescaled_random_sparsification_keeps_expected_delta(name, density):
 def test_dare_at_density_one_is_task_arithmetic_and_ties():
     tensors = models((64, 48), 3)
     dense = [{"weight": 0.7, "density": 1.0}, {"weight": 0.4, "density": 1.0}]
-    assert torch.equal(run_ours("dare_linear", tensors, 0, dense, {}), run_ours("task_arithmetic", tensors, 0, dense, {}))
+    assert torch.equal(run_ours("dare_linear", tensors, 0, dense, {}),
+                       run_ours("task_arithmetic", tensors, 0, dense, {}))
     assert torch.equal(run_ours("dare_ties", tensors, 0, dense, {}),
                        run_ours("ties", tensors, 0, dense, {"normalize": False}))
 
