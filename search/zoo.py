@@ -312,6 +312,8 @@ def _finetune_loss(model, batch):
     own = targets != -100
     nll = -logprobs[:, :-1][own].gather(-1, targets[own][:, None]).mean()
     kept = kl_mask[:, 1:]
+    if not kept.any():  # greedy replay: the replayed answers are in the cross-entropy instead
+        return nll
     base_kept = base_logprobs[:, :-1][kept]
     kl = (base_kept.exp() * (base_kept - logprobs[:, :-1][kept])).sum(-1).mean()
     return nll + kl
