@@ -48,22 +48,35 @@ def trials(storage: str) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name="workers", storage=storage).get_trials()
 
 
-def test_search_resumes_after_kill_9_without_losing_or_repeating_a_trial(family, tmp_path):
-    config = write_config(tmp_path, family, n_trials=6)
-    storage = f"sqlite:///{tmp_path}/study.db"
-    worker = start_worker(config, storage)
-    deadline = time.monotonic() + 300
+def wait_for(storage: str, condition, timeout: float = 300) -> None:
+    """Poll the study's trial states until ``condition(states)`` holds (the study may not exist yet)."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         time.sleep(0.05)
         try:
             states = [t.state for t in trials(storage)]
         except Exception:
             continue
-        if states.count(TrialState.COMPLETE) >= 2 and states[-1] == TrialState.RUNNING:
-            os.kill(worker.pid, signal.SIGSTOP)  # freeze it, then make sure it is still inside that trial
-            if trials(storage)[-1].state == TrialState.RUNNING:
-                break
-            os.kill(worker.pid, signal.SIGCONT)
+        if condition(states):
+            return
+    raise AssertionError("the search never reached the awaited state")
+
+
+def test_search_resumes_after_kill_9_without_losing_or_repeating_a_trial(family, tmp_path):
+    config = write_config(tmp_path, family, n_trials=6)
+    storage = f"sqlite:///{tmp_path}/study.db"
+    worker = start_worker(config, storage)
+
+    def inside_a_trial_after_two(states: list[TrialState]) -> bool:
+        if states.count(TrialState.COMPLETE) < 2 or states[-1] != TrialState.RUNNING:
+            return False
+        os.kill(worker.pid, signal.SIGSTOP)  # freeze it, then make sure it is still inside that trial
+        if trials(storage)[-1].state == TrialState.RUNNING:
+            return True
+        os.kill(worker.pid, signal.SIGCONT)
+        return False
+
+    wait_for(storage, inside_a_trial_after_two)
     os.kill(worker.pid, signal.SIGKILL)
     worker.wait()
     killed = [t for t in trials(storage) if t.state == TrialState.RUNNING]
@@ -103,14 +116,7 @@ def test_ctrl_c_finishes_the_current_trial_then_stops_and_prints_the_best(family
     config = write_config(tmp_path, family, n_trials=50)
     storage = f"sqlite:///{tmp_path}/study.db"
     worker = start_worker(config, storage)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        time.sleep(0.05)
-        try:
-            if [t.state for t in trials(storage)].count(TrialState.COMPLETE) >= 2:
-                break
-        except Exception:
-            continue
+    wait_for(storage, lambda states: states.count(TrialState.COMPLETE) >= 2)
     worker.send_signal(signal.SIGINT)
     out, err = worker.communicate(timeout=120)
     assert worker.returncode == 0, err
