@@ -359,8 +359,8 @@ def plot_tasks(rows: list[Row], config: SearchConfig, path: Path) -> Path:
                    label=f"{row.name} ({row.role})")
         ax.set_xticks(np.arange(len(tasks)), [f"{task}\n{metric}" for task, metric, _ in tasks])
         ax.set_title(f"{split} split")
-    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=len(shown), fontsize=8)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="upper center", ncol=len(shown), fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.88))
     return _save(fig, path)
 
 
