@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from merge_core.architecture import count_layers
 from merge_core.checkpoint import CheckpointReader, ShardedWriter, atomic_output_dir, parse_size
 from merge_core.errors import EvomergeError
-from merge_core.recipe import DTYPES, describe_validation_error
+from merge_core.recipe import DTYPES, validate
 
 GATE_MODES = ("hidden", "hidden_last", "hidden_avg", "cheap_embed", "random", "uniform_random")
 MIXTRAL_BASES = ("llama", "mistral")
@@ -93,10 +93,7 @@ class MoERecipe(_Strict):
 
 
 def load_moe_recipe(data: dict, where: str) -> MoERecipe:
-    try:
-        return MoERecipe.model_validate(data)
-    except ValidationError as exc:
-        raise EvomergeError(f"{where}: {describe_validation_error(exc)}") from None
+    return validate(MoERecipe, data, where)
 
 
 # --------------------------------------------------------------------------------------------- routers

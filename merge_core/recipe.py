@@ -157,6 +157,14 @@ def describe_validation_error(err: ValidationError) -> str:
     return f"{loc}: {msg}{shown}" if loc else f"{msg}{shown}"
 
 
+def validate(model: type[BaseModel], data: dict, where: str):
+    """``model`` parsed from ``data``; a validation error becomes one line naming ``where`` and the field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise EvomergeError(f"{where}: {describe_validation_error(exc)}") from None
+
+
 def read_yaml_mapping(path: str | Path, what: str) -> dict:
     """A YAML file's top-level mapping, or a one-line error naming the file."""
     path = Path(path)
@@ -180,10 +188,7 @@ def load_recipe(source: str | Path | dict[str, Any]) -> Recipe:
         from merge_core.moe import load_moe_recipe  # imported here: moe builds on the engine, which imports us
 
         return load_moe_recipe(data, where)
-    try:
-        recipe = Recipe.model_validate(data)
-    except ValidationError as exc:
-        raise EvomergeError(f"{where}: {describe_validation_error(exc)}") from None
+    recipe = validate(Recipe, data, where)
     check_parameters(recipe)
     return recipe
 

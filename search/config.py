@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from merge_core.errors import EvomergeError
 from merge_core.methods import get_method
-from merge_core.recipe import describe_validation_error, read_yaml_mapping
+from merge_core.recipe import read_yaml_mapping, validate
 
 
 class _Strict(BaseModel):
@@ -105,9 +105,6 @@ def check_method_parameters(config: SearchConfig) -> None:
 
 def load_search_config(path: str | Path) -> SearchConfig:
     data = read_yaml_mapping(path, "search config")
-    try:
-        config = SearchConfig.model_validate(data)
-    except ValidationError as exc:
-        raise EvomergeError(f"{path}: {describe_validation_error(exc)}") from None
+    config = validate(SearchConfig, data, str(path))
     check_method_parameters(config)
     return config
