@@ -114,7 +114,7 @@ def fail_orphaned_trials(study: optuna.Study) -> None:
 
 
 def done_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """Complete and running trials: one read serves both the budget check and the progress bar."""
+    """Complete and running trials: what counts against the budget."""
     return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
 
 
@@ -239,22 +239,30 @@ class _StopFlag:
         print("\nstopping after the current trial (Ctrl-C again to stop now)", flush=True)
 
 
-def _surplus(study: optuna.Study, trial: optuna.Trial, config: SearchConfig) -> bool:
+def _surplus(done: list[optuna.trial.FrozenTrial], trial: optuna.Trial, config: SearchConfig) -> bool:
     """Another worker took the last slot of the budget between our check and our ask."""
     if config.n_trials is None:
         return False
-    ahead = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-             if t.number < trial.number]
-    return len(ahead) >= config.n_trials
+    return sum(t.number < trial.number for t in done) >= config.n_trials
 
 
-def run_trial(study: optuna.Study, bench: Workbench) -> optuna.trial.FrozenTrial | None:
-    """Ask, materialize, score, tell. None when the budget was used up by other workers meanwhile."""
+def run_trial(study: optuna.Study, bench: Workbench
+              ) -> tuple[optuna.trial.FrozenTrial | None, list[optuna.trial.FrozenTrial]]:
+    """Ask, materialize, score, tell. Returns the told trial (None when other workers used up the budget
+    meanwhile) and the study's complete and running trials as of the ask: one read per trial serves the
+    budget check and the progress bar."""
     trial = study.ask()
-    if _surplus(study, trial, bench.config):
+    done = done_trials(study)
+    if _surplus(done, trial, bench.config):
         _set_user_attrs(study, trial, {"worker": _worker_id(), "surplus": True})
         study.tell(trial, state=TrialState.PRUNED)
-        return None
+        return None, done
+    frozen = _score_trial(study, trial, bench)
+    others = [t for t in done if t.number != frozen.number]
+    return frozen, (others + [frozen] if frozen.state == TrialState.COMPLETE else others)
+
+
+def _score_trial(study: optuna.Study, trial: optuna.Trial, bench: Workbench) -> optuna.trial.FrozenTrial:
     with get_heartbeat_thread(trial._trial_id, study._storage):
         try:
             values = {d.key: trial.suggest_float(d.key, d.low, d.high) for d in bench.dims}
@@ -330,10 +338,9 @@ def search(config: SearchConfig, *, config_dir: Path | None = None, evaluator=No
         with _progress(progress, config, baselines) as report:
             done = done_trials(study)
             while not stop.requested and budget_left(done, config, started):
-                frozen = run_trial(study, bench)
+                frozen, done = run_trial(study, bench)
                 if frozen is None:
                     break
-                done = done_trials(study)
                 report(done, frozen)
                 if on_trial:
                     on_trial(study, frozen)
