@@ -27,6 +27,8 @@ mergekit rounds, so bf16 inputs give mergekit's bf16 arithmetic.
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -154,19 +156,20 @@ def linear(tensors, base, model_params, params, ctx):
     weights = torch.tensor([p["weight"] for p in model_params], dtype=_float_dtype(tensors[0]))
     flat = [t.reshape(-1) for t in tensors]
     out = torch.empty_like(flat[0])
-    with _one_thread():
-        _linear_chunks(flat, weights, params["normalize"], out)
-    return out.view(tensors[0].shape)
+    chunks = _chunks(out.numel())
 
-
-def _linear_chunks(flat, weights, normalize, out):
-    for c in _chunks(out.numel()):
+    def merge_chunk(j):
+        c = chunks[j]
         merged = torch.zeros(len(range(out.numel())[c]), dtype=weights.dtype)
         for tensor, weight in zip(flat, weights):
             merged.addcmul_(tensor[c], weight)
-        if normalize:
+        if params["normalize"]:
             merged.div_(weights.sum())
         out[c] = merged
+
+    with _one_thread():
+        _each_chunk(merge_chunk, len(chunks))
+    return out.view(tensors[0].shape)
 
 
 _SLERP_CHUNK = 1024 * 1024
@@ -191,12 +194,22 @@ def _slerp_flat(a: Tensor, b: Tensor, t: float) -> Tensor:
     dtype = _float_dtype(a)
     t = _scalar(t, dtype)
     chunks = [slice(i, i + _SLERP_CHUNK) for i in range(0, a.numel(), _SLERP_CHUNK)]
-    norm_a = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(a[c].to(dtype)) for c in chunks]))
-    norm_b = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(b[c].to(dtype)) for c in chunks]))
+    norms = [None] * len(chunks)
+
+    def chunk_norms(j):
+        norms[j] = [torch.linalg.vector_norm(x[chunks[j]].to(dtype)) for x in (a, b)]
+
+    _each_chunk(chunk_norms, len(chunks))
+    norm_a, norm_b = (torch.linalg.vector_norm(torch.stack(column)) for column in zip(*norms))
     norm_a = norm_a if norm_a > 1e-8 else torch.ones((), dtype=dtype)
     norm_b = norm_b if norm_b > 1e-8 else torch.ones((), dtype=dtype)
-    dot = sum(torch.dot(a[c].to(dtype) / norm_a, b[c].to(dtype) / norm_b) for c in chunks)
-    dot = torch.as_tensor(dot, dtype=dtype).clamp(-1, 1)
+    dots = [None] * len(chunks)
+
+    def chunk_dot(j):
+        dots[j] = torch.dot(a[chunks[j]].to(dtype) / norm_a, b[chunks[j]].to(dtype) / norm_b)
+
+    _each_chunk(chunk_dot, len(chunks))
+    dot = torch.as_tensor(sum(dots), dtype=dtype).clamp(-1, 1)
     if dot.abs() > 0.9995:
         coef_a, coef_b = 1 - t, t
     else:
@@ -204,8 +217,12 @@ def _slerp_flat(a: Tensor, b: Tensor, t: float) -> Tensor:
         coef_a = (torch.sin((1 - t) * theta) / torch.sin(theta)).item()
         coef_b = (torch.sin(t * theta) / torch.sin(theta)).item()
     out = torch.empty_like(a)
-    for c in chunks:
+
+    def chunk_out(j):
+        c = chunks[j]
         out[c] = torch.add(a[c].to(dtype) * coef_a, b[c].to(dtype) * coef_b)
+
+    _each_chunk(chunk_out, len(chunks))
     return out
 
 
@@ -340,17 +357,56 @@ def _one_thread():
         torch.set_num_threads(threads)
 
 
+_WORKERS = 2
+_helpers: list[ThreadPoolExecutor] = []
+
+
+def _each_chunk(work: Callable[[int], None], count: int) -> None:
+    """``work(j)`` for every chunk index j, on this thread and ``_WORKERS - 1`` helper threads, each taking
+    the next chunk when done with one: chunks are independent, so two cores merge one tensor, and a
+    descheduled thread on a busy machine delays only the chunk it holds. ``work`` writes its own results."""
+    tickets = iter(range(count))
+
+    def drain():
+        for j in tickets:
+            work(j)
+
+    helpers = min(_WORKERS, count) - 1
+    if helpers and not _helpers:
+        _helpers.append(ThreadPoolExecutor(_WORKERS - 1, "evomerge-chunks", torch.set_num_threads, (1,)))
+    running = [_helpers[0].submit(drain) for _ in range(helpers)]
+    try:
+        drain()
+    except BaseException:
+        for _ in tickets:  # leave the helpers nothing more to take
+            pass
+        raise
+    finally:
+        for helper in running:
+            helper.result()
+
+
 def magnitude_keys(delta: Tensor) -> Tensor:
-    """Flat integer keys ordered like |delta|: the bits of a non-negative float sort as integers."""
-    return delta.abs().reshape(-1).view(_KEY_DTYPES[delta.element_size()])
+    """Flat integer keys ordered like |delta|: the bits of a non-negative float sort as integers (the sign
+    bit cleared by an integer and, the same bits as ``abs()`` and cheaper)."""
+    size = delta.element_size()
+    return delta.reshape(-1).view(_KEY_DTYPES[size]).bitwise_and(2**(8 * size - 1) - 1)
 
 
-def _top_digit_counts(key_chunks: Iterable[Tensor]) -> Tensor:
-    """Histogram of the top 16 bits of the keys (15 used: the sign bit is 0). Density-independent."""
+def _top_digit_counts(key_chunk: Callable[[int], Tensor], count: int) -> Tensor:
+    """Histogram of the top 16 bits of the keys of ``count`` chunks (15 used: the sign bit is 0), counted
+    on all workers. Density-independent."""
     counts = torch.zeros(1 << 15, dtype=torch.int64)
-    for keys in key_chunks:
+    lock = threading.Lock()
+
+    def add(j):
+        keys = key_chunk(j)
         shift = 8 * keys.element_size() - 16
-        counts += torch.bincount(keys >> shift if shift else keys, minlength=1 << 15)
+        chunk_counts = torch.bincount(keys >> shift if shift else keys, minlength=1 << 15)
+        with lock:
+            counts.add_(chunk_counts)
+
+    _each_chunk(add, count)
     return counts.to(torch.int32)
 
 
@@ -388,28 +444,39 @@ def _sorted_key_finder(sorted_keys: Tensor) -> Callable[[int], tuple[int, int, i
 
 
 def _top_k_selector(k: int, n: int, find_key: Callable[[int], tuple[int, int, int]],
-                    dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
-    """A function giving, for each task-vector chunk in order, its 0/1 mask (in ``dtype``) of the k
-    largest magnitudes; ``find_key(k)`` is ``_kth_largest_key``'s answer. Ties at the threshold go to the
-    lowest indices (mergekit's argsort breaks them in an unspecified order, so 16-bit inputs can differ
-    there). Masks are built with arithmetic, which is several times faster than comparisons on CPU."""
+                    key_chunk: Callable[[int], Tensor], chunks: list[slice],
+                    dtype: torch.dtype) -> Callable[[int, Tensor], Tensor]:
+    """``keep(j, delta)``: chunk j's mask of the k largest magnitudes, as integer bits (all ones: keep),
+    for any chunk in any order; ``find_key(k)`` is ``_kth_largest_key``'s answer. Ties at the threshold
+    go to the lowest indices (mergekit's argsort breaks them in an unspecified order, so 16-bit inputs
+    can differ there): the index where they stop is found once, from the ties counted per chunk. The mask
+    is integer arithmetic on the magnitude keys (subtract, shift the sign down), several times faster
+    than float comparisons on CPU."""
+    key_dtype = _KEY_DTYPES[torch.empty(0, dtype=dtype).element_size()]
     if k <= 0 or k >= n:
-        return lambda delta: torch.full(delta.shape, float(k > 0), dtype=dtype)
-    size = torch.empty(0, dtype=dtype).element_size()
+        return lambda j, delta: torch.full(delta.shape, -int(k > 0), dtype=key_dtype)
     key, left, equal = find_key(k)
-    threshold = torch.tensor(key, dtype=_KEY_DTYPES[size]).view(dtype).item()
-    state = {"ties_left": left}
+    cut = n
+    if left < equal:
+        others = torch.zeros(len(chunks), dtype=torch.int64)  # per chunk, the keys that are not ties
 
-    def keep(delta: Tensor) -> Tensor:
-        position = (delta.abs() - threshold).sign_()  # 1 above, 0 at, -1 below the threshold
-        if left == equal:
-            return position.add_(1).clamp_(max=1)
-        mask = position.clamp_(min=0)
-        if state["ties_left"]:
-            ties = (delta.abs() == threshold).nonzero().squeeze(1)[:state["ties_left"]]
-            mask[ties] = 1
-            state["ties_left"] -= len(ties)
-        return mask
+        def count(j):
+            others[j] = torch.count_nonzero(key_chunk(j).sub_(key))
+
+        _each_chunk(count, len(chunks))
+        ties = torch.tensor([len(range(n)[c]) for c in chunks]) - others
+        j = int(torch.searchsorted(ties.cumsum(0), left))  # the chunk holding the left-th tie
+        left -= int(ties[:j].sum())
+        cut = chunks[j].start + int((key_chunk(j) == key).nonzero()[left - 1]) + 1
+    sign = 8 * torch.empty(0, dtype=key_dtype).element_size() - 1
+    with_ties, above = (torch.tensor(value, dtype=key_dtype) for value in (key - 1, key))
+
+    def keep(j: int, delta: Tensor) -> Tensor:
+        keys = magnitude_keys(delta)
+        ties_end = min(max(cut - chunks[j].start, 0), len(keys))  # ties before it are kept
+        torch.sub(with_ties, keys[:ties_end], out=keys[:ties_end])  # negative where keys >= key
+        torch.sub(above, keys[ties_end:], out=keys[ties_end:])  # negative where keys > key
+        return keys.bitwise_right_shift_(sign)
 
     return keep
 
@@ -424,7 +491,7 @@ def _draw(probabilities: Tensor, shape, generator: torch.Generator | None, dtype
     return (probabilities - torch.rand(shape, generator=generator)).sign_().clamp_(min=0).to(dtype)
 
 
-def _keep_bits(kept: int, n: int, generator: torch.Generator | None, dtype: torch.dtype) -> Tensor:
+def _keep_bits(kept: int, n: int, generator: torch.Generator, dtype: torch.dtype) -> Tensor:
     """n random masks for entries of ``dtype``, in the integer type of its size: all ones (keep) with
     probability kept / 2^(bits-1), else zero. Random words are cut out of 64-bit draws and compared by
     integer arithmetic (shift, subtract, shift the sign down), several times cheaper than a float32
@@ -436,14 +503,16 @@ def _keep_bits(kept: int, n: int, generator: torch.Generator | None, dtype: torc
 
 
 def _random_plan(density: float, rescale: bool, generator: torch.Generator | None, dtype: torch.dtype):
-    """DARE: each chunk's mask drawn when the chunk is merged (chunk by chunk, model after model), so no
-    mask is stored and no pass precedes the merge. Rescaling divides by the keep probability, which keeps
-    the expected task vector exactly (mergekit divides by the kept share of the l1 norm instead, which
-    needs that pass and differs from it only by sampling noise)."""
+    """DARE: each chunk's mask drawn when the chunk is merged, from its own generator seeded from the
+    tensor's (one seed per model, drawn model after model), so chunks can be merged in any order and on
+    any thread with the same bytes, and no mask is stored. Rescaling divides by the keep probability,
+    which keeps the expected task vector exactly (mergekit divides by the kept share of the l1 norm
+    instead, which needs a pass over the tensor and differs from it only by sampling noise)."""
     levels = 2**(8 * torch.empty(0, dtype=dtype).element_size() - 1)
     kept = min(max(round(density * levels), 1), levels - 1)
     scale = torch.tensor(levels / kept, dtype=_bernoulli_dtype(dtype)) if rescale else None
-    return (lambda j, delta: _keep_bits(kept, delta.numel(), generator, dtype)), scale
+    seed = int(torch.randint(2**62, (), generator=generator))
+    return (lambda j, delta: _keep_bits(kept, delta.numel(), torch.Generator().manual_seed(seed + j), dtype)), scale
 
 
 def _della_keep(delta: Tensor, density: float, epsilon: float, work: torch.dtype,
@@ -460,8 +529,8 @@ def _della_keep(delta: Tensor, density: float, epsilon: float, work: torch.dtype
 
 
 def _sparsify_plan(tensors, base, i, p, params, ctx, kind, chunks):
-    """How model i's task vector is sparsified: ``keep(j, delta)``, called in chunk order, gives chunk
-    j's mask (0/1 floats, or all-ones/zero integer bits; or is None), and the rescale factor (or None).
+    """How model i's task vector is sparsified: ``keep(j, delta)``, called for chunks in any order, gives
+    chunk j's mask (0/1 floats, or all-ones/zero integer bits; or is None), and the rescale factor (or None).
 
     Magnitude and random masks are computed on the fly; DELLA's, and rescaled magnitude ones, are made
     first in one pass per model (model after model, so DELLA's draws come in mergekit's order) that also
@@ -480,10 +549,11 @@ def _sparsify_plan(tensors, base, i, p, params, ctx, kind, chunks):
     if kind.startswith("magnitude"):
         work = dtype
 
-        def key_chunks():
-            return (magnitude_keys(d) for d in deltas())
+        def key_chunk(j):
+            return magnitude_keys(model[chunks[j]] - origin[chunks[j]])
 
-        select = partial(_top_k_selector, n=n, find_key=_key_finder(ctx, i, key_chunks, dtype), dtype=dtype)
+        select = partial(_top_k_selector, n=n, find_key=_key_finder(ctx, i, key_chunk, chunks, dtype),
+                         key_chunk=key_chunk, chunks=chunks, dtype=dtype)
         if kind == "magnitude":
             keep = select(max(1, int(density * n)))
         else:
@@ -491,12 +561,12 @@ def _sparsify_plan(tensors, base, i, p, params, ctx, kind, chunks):
             dropped_small = max(0, n - kept - int(p["gamma"] * n))
             outer, inner = select(n - dropped_small), select(n - dropped_small - kept)
 
-            def keep(delta):  # the top (n - dropped_small) minus the top (n - dropped_small - kept)
-                return outer(delta).sub_(inner(delta))
+            def keep(j, delta):  # the top (n - dropped_small) minus the top (n - dropped_small - kept)
+                return outer(j, delta).bitwise_and_(inner(j, delta).bitwise_not_())
 
         if not params["rescale"]:
-            return (lambda j, delta: keep(delta)), None
-        masks = (keep(d) for d in deltas())
+            return keep, None
+        masks = (keep(j, d) for j, d in enumerate(deltas()))
     elif kind == "random":
         return _random_plan(density, params["rescale"], ctx.generator, dtype)
     else:
@@ -517,22 +587,27 @@ def _sparsify_plan(tensors, base, i, p, params, ctx, kind, chunks):
     for mask, delta in zip(masks, deltas()):
         magnitude = delta.to(work).abs_()
         before += magnitude.sum(dtype=accumulator).item()
-        after += magnitude.mul_(mask).sum(dtype=accumulator).item()
+        _apply_mask(magnitude, mask)
+        after += magnitude.sum(dtype=accumulator).item()
         stored.append(mask)
     before, after = torch.tensor(before, dtype=work), torch.tensor(after, dtype=work)
     return (lambda j, delta: stored[j]), (None if before < 1e-7 or after < 1e-7 else before / after)
 
 
-def _key_finder(ctx: TensorContext, i: int, key_chunks: Callable[[], Iterable[Tensor]],
+def _key_finder(ctx: TensorContext, i: int, key_chunk: Callable[[int], Tensor], chunks: list[slice],
                 dtype: torch.dtype) -> Callable[[int], tuple[int, int, int]]:
     """How the k-th largest magnitude of model i's task vector is found: from its keys sorted once when
     a search may precompute them, else by radix selection over the chunks (16-bit keys need no pass over
     the chunks beyond the histogram, which a search caches)."""
     bits = 8 * torch.empty(0, dtype=dtype).element_size()
+
+    def key_chunks():
+        return (key_chunk(j) for j in range(len(chunks)))
+
     if ctx.precompute and ctx.cache is not None and bits > 16:
         ordered = _cached(ctx, ("sorted_keys", i), lambda: torch.sort(torch.cat(list(key_chunks()))).values)
         return _sorted_key_finder(ordered)
-    counts = _cached(ctx, ("top_digit_counts", i), lambda: _top_digit_counts(key_chunks()))
+    counts = _cached(ctx, ("top_digit_counts", i), lambda: _top_digit_counts(key_chunk, len(chunks)))
     return partial(_kth_largest_key, key_chunks=key_chunks, top_counts=counts, bits=bits)
 
 
@@ -572,33 +647,43 @@ def _row_sum(rows: Tensor) -> Tensor:
     return total
 
 
-def _sum_consensus_by_sign_bits(deltas: Tensor) -> Tensor:
-    """TIES ``sum`` election on the floats' sign bits (consumes ``deltas``): an entry is kept when its sign
-    bit is the weighted sum's. Integer ops are several times faster than ``sign()`` arithmetic on CPU and
-    the same bits as mergekit's ``(deltas * agrees).sum(0)``: a dropped entry becomes +0 either way, and
-    a -0 sum of votes counts as positive (adding +0 makes it +0) as mergekit's ``>= 0`` does."""
+def _elect_by_sign_bits(deltas: Tensor, weights: Tensor) -> Tensor:
+    """TIES ``sum`` election on the floats' sign bits (in place), returning the weights of the entries
+    kept (the rows of mergekit's ``weights * mask``). An entry is kept when its sign bit is the weighted
+    sum's and it is not zero. Integer ops are several times faster than ``sign()`` arithmetic or float
+    comparisons on CPU and give the same bits as mergekit's ``deltas * mask``: a dropped entry becomes +0
+    either way, and a -0 sum of votes counts as positive (adding +0 makes it +0) as its ``>= 0`` does."""
     size = deltas.element_size()
-    votes = _row_sum(deltas).add_(0.0).view(_KEY_DTYPES[size])
-    bits = deltas.view(_KEY_DTYPES[size])
-    differs = torch.bitwise_xor(bits, votes).bitwise_right_shift_(8 * size - 1)  # -1 where signs differ, else 0
+    ints, top = _KEY_DTYPES[size], 8 * size - 1
+    votes = _row_sum(deltas).add_(0.0).view(ints)
+    bits = deltas.view(ints)
+    differs = torch.bitwise_xor(bits, votes).bitwise_right_shift_(top)  # -1 where signs differ, else 0
     bits.bitwise_and_(differs.bitwise_not_())
-    return _row_sum(deltas)
+    zero = bits.bitwise_and(2**top - 1).sub_(1).bitwise_right_shift_(top)  # -1 where ±0, else 0
+    return zero.bitwise_not_().bitwise_and_(weights.view(ints)).view(deltas.dtype)
 
 
 def _combine(deltas: Tensor, weights: Tensor, consensus: str | None, params) -> Tensor:
     """Merge weighted task-vector rows (consumes ``deltas``): TIES sign election (``sum`` weighs by
     magnitude, ``count`` by votes) keeps only agreeing entries; ``normalize`` divides by the weights that
-    were kept. Signs and masks are ±1/0 arithmetic rather than comparisons, for speed."""
+    were kept (an entry is kept when it agrees and is not zero, as mergekit's ``sign == majority``)."""
     if consensus is None:
         mixed = _row_sum(deltas)
         divisor = weights.sum(dim=0)
         divisor[divisor.abs() < 1e-8] = 1
-    elif consensus == "sum" and not params["normalize"]:
-        mixed = _sum_consensus_by_sign_bits(deltas)
+    elif consensus == "sum":
+        kept_weights = _elect_by_sign_bits(deltas, weights)
+        mixed = _row_sum(deltas)
+        if params["normalize"]:
+            divisor = _row_sum(kept_weights)
+            tiny = torch.finfo(divisor.dtype).tiny
+            if weights.min() >= tiny:  # a zero divisor has a zero sum: any positive divisor gives mergekit's 0/1
+                divisor.clamp_(min=tiny)
+            else:
+                divisor[divisor == 0] = 1
     else:
         sign = deltas.sign()
-        votes = _row_sum(deltas) if consensus == "sum" else _row_sum(sign)
-        majority = votes.sign_().add_(0.5).sign_()  # +1 where votes >= 0, else -1
+        majority = _row_sum(sign).sign_().add_(0.5).sign_()  # +1 where votes >= 0, else -1
         agrees = sign.mul_(majority).clamp_(min=0)  # 1 where the delta has the majority sign, else 0
         mixed = _row_sum(deltas.mul_(agrees))
         if params["normalize"]:
@@ -636,7 +721,9 @@ def _task_arithmetic_chunks(tensors, base, model_params, params, ctx, sparsifica
     flat = [t.reshape(-1) for t in tensors]
     stored = _stored_deltas(flat, base, others, ctx, sparsification)
     out = torch.empty_like(flat[base])
-    for j, c in enumerate(chunks):
+
+    def merge_chunk(j):
+        c = chunks[j]
         start = flat[base][c]
         deltas = _chunk_deltas(flat, start, others, c) if stored is None else stored[:, c].clone()
         for row, weight, (keep, scale) in zip(deltas, weights.tolist(), plans):
@@ -648,6 +735,8 @@ def _task_arithmetic_chunks(tensors, base, model_params, params, ctx, sparsifica
                 row.copy_(row.to(scale.dtype) * scale)
             row.mul_(weight[0])
         torch.add(start, _combine(deltas, weights, consensus, params), out=out[c])
+
+    _each_chunk(merge_chunk, len(chunks))
     return out.view(origin.shape)
 
 
