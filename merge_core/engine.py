@@ -12,7 +12,6 @@ import shutil
 import zlib
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -117,11 +116,12 @@ def _tensor_cache(cache: dict, job: TensorJob, itemsize: int, budget: int | None
 
 def compute_tensor(job: TensorJob, plan: MergePlan, sources: dict[str, Source], *, dtype: torch.dtype | None,
                    device: str, seed: int | None, cache: dict | None = None,
-                   precompute_bytes: int | None = None) -> torch.Tensor:
+                   precompute_bytes: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """The merged value of one output tensor, in the compute dtype, checked to be finite.
 
     ``cache`` (one dict across calls) keeps the methods' input-only work per tensor, for searches; whole-
-    tensor precomputations in it are bounded by ``precompute_bytes`` (None: unbounded).
+    tensor precomputations in it are bounded by ``precompute_bytes`` (None: unbounded). ``out``: where the
+    method may write the result (the live model's parameter), unless it shares memory with an input.
     """
     tensors = [sources[m].get(n, dtype=dtype, device=device) for m, n in zip(job.models, job.tensor_names)]
     if job.permute_vocabulary:
@@ -129,8 +129,10 @@ def compute_tensor(job: TensorJob, plan: MergePlan, sources: dict[str, Source], 
     tensor_cache, precompute = None, False
     if cache is not None:
         tensor_cache, precompute = _tensor_cache(cache, job, tensors[0].element_size(), precompute_bytes)
+    if out is not None and any(t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr() for t in tensors):
+        out = None
     ctx = TensorContext(name=job.name, generator=_generator(seed, job.name, device), is_embedding=job.is_embedding,
-                        cache=tensor_cache, precompute=precompute)
+                        cache=tensor_cache, precompute=precompute, out=out)
     result = plan.method.fn(tensors, job.base, job.model_params, job.params, ctx)
     if not _all_finite(result):
         raise EvomergeError(f"tensor {job.name}: the merge produced NaN or Inf")
@@ -139,9 +141,14 @@ def compute_tensor(job: TensorJob, plan: MergePlan, sources: dict[str, Source], 
 
 def run_plan(plan: MergePlan, sources: dict[str, Source], sink: Callable[[TensorJob, torch.Tensor], None], *,
              dtype: torch.dtype | None, device: str = "cpu", seed: int | None = None,
-             progress: bool = False, cache: dict | None = None, precompute_bytes: int | None = None) -> None:
-    compute = partial(compute_tensor, plan=plan, sources=sources, dtype=dtype, device=device, seed=seed,
-                      cache=cache, precompute_bytes=precompute_bytes)
+             progress: bool = False, cache: dict | None = None, precompute_bytes: int | None = None,
+             destination: Callable[[TensorJob], torch.Tensor | None] = lambda job: None) -> None:
+    """Compute every job and hand it to ``sink``; ``destination(job)``, if it gives a tensor, is where the
+    method may write the result directly (see ``compute_tensor``)."""
+    def compute(job):
+        return compute_tensor(job, plan, sources, dtype=dtype, device=device, seed=seed, cache=cache,
+                              precompute_bytes=precompute_bytes, out=destination(job))
+
     if not progress:
         for job in plan.jobs:
             sink(job, compute(job))
@@ -306,8 +313,8 @@ def merge_into(model: torch.nn.Module, recipe: Recipe, sources: dict[str, Source
 
     def into_model(job: TensorJob, tensor: torch.Tensor) -> None:
         with torch.no_grad():
-            state[job.name].copy_(tensor)
+            state[job.name].copy_(tensor)  # nothing to do when the method wrote there itself
 
     run_plan(plan, sources, into_model, dtype=compute_dtype, device=device, seed=seed, cache=cache,
-             precompute_bytes=precompute_bytes)
+             precompute_bytes=precompute_bytes, destination=lambda job: state[job.name].data)
     return plan

@@ -57,6 +57,9 @@ class TensorContext:
     search trying many densities or weights), task arithmetic keeps its density-independent work there
     instead of recomputing it: the magnitude histogram of each task vector (128 KiB per model), and, if
     ``precompute``, the task vectors themselves and their sorted magnitudes (twice their size).
+
+    ``out``: where the streaming methods may write the result (a live model's parameter, sharing no
+    memory with the inputs), which saves allocating a fresh tensor and copying it there.
     """
 
     name: str
@@ -64,6 +67,15 @@ class TensorContext:
     is_embedding: bool = False
     cache: dict | None = None
     precompute: bool = False
+    out: Tensor | None = None
+
+
+def _flat_output(ctx: TensorContext, like: Tensor) -> Tensor:
+    """A flat tensor shaped and typed like ``like`` for a method to fill: ``ctx.out`` when it fits."""
+    out = ctx.out
+    if out is not None and out.dtype == like.dtype and out.shape == like.shape and out.is_contiguous():
+        return out.view(-1)
+    return torch.empty(like.numel(), dtype=like.dtype, device=like.device)
 
 
 @dataclass(frozen=True)
@@ -155,7 +167,7 @@ def linear(tensors, base, model_params, params, ctx):
     the float32 accumulator stays cache-sized."""
     weights = torch.tensor([p["weight"] for p in model_params], dtype=_float_dtype(tensors[0]))
     flat = [t.reshape(-1) for t in tensors]
-    out = torch.empty_like(flat[0])
+    out = _flat_output(ctx, tensors[0])
     chunks = _chunks(out.numel())
 
     def merge_chunk(j):
@@ -186,11 +198,11 @@ def slerp(tensors, base, model_params, params, ctx):
     if not tensors[start].numel():
         return tensors[start]
     with _one_thread():
-        return _slerp_flat(tensors[start].reshape(-1), tensors[1 - start].reshape(-1),
-                           params["t"]).view(tensors[start].shape)
+        return _slerp_flat(tensors[start].reshape(-1), tensors[1 - start].reshape(-1), params["t"],
+                           _flat_output(ctx, tensors[start])).view(tensors[start].shape)
 
 
-def _slerp_flat(a: Tensor, b: Tensor, t: float) -> Tensor:
+def _slerp_flat(a: Tensor, b: Tensor, t: float, out: Tensor) -> Tensor:
     dtype = _float_dtype(a)
     t = _scalar(t, dtype)
     chunks = [slice(i, i + _SLERP_CHUNK) for i in range(0, a.numel(), _SLERP_CHUNK)]
@@ -216,7 +228,6 @@ def _slerp_flat(a: Tensor, b: Tensor, t: float) -> Tensor:
         theta = torch.acos(dot)
         coef_a = (torch.sin((1 - t) * theta) / torch.sin(theta)).item()
         coef_b = (torch.sin(t * theta) / torch.sin(theta)).item()
-    out = torch.empty_like(a)
 
     def chunk_out(j):
         c = chunks[j]
@@ -720,7 +731,7 @@ def _task_arithmetic_chunks(tensors, base, model_params, params, ctx, sparsifica
     weights = torch.tensor([model_params[i]["weight"] for i in others], dtype=origin.dtype).view(-1, 1)
     flat = [t.reshape(-1) for t in tensors]
     stored = _stored_deltas(flat, base, others, ctx, sparsification)
-    out = torch.empty_like(flat[base])
+    out = _flat_output(ctx, origin)
 
     def merge_chunk(j):
         c = chunks[j]
