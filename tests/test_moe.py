@@ -167,14 +167,17 @@ def test_bad_input_is_one_line_exit_2(fam, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def zoo_moe(tmp_path_factory):
-    """The demo zoo's fine-tunes as experts, routed by twenty search-split prompts of their skill each."""
+    """The demo zoo's fine-tunes as experts, routed by twenty search-split prompts of their skill each.
+
+    ``hidden_avg``: every prompt ends in "=", so mergekit's default last-token gating gives equal router rows
+    at layer 0 (ties, not routing); averaged over the prompt, the skill cue is in the state."""
     from transformers import AutoTokenizer
 
     from search import zoo
 
     family = zoo.ensure_zoo()
     skills = list(family.finetunes)
-    recipe = {"merge_method": "moe", "base_model": str(family.base), "experts": [
+    recipe = {"merge_method": "moe", "base_model": str(family.base), "gate_mode": "hidden_avg", "experts": [
         {"source_model": str(family.finetunes[skill]),
          "positive_prompts": [item.prompt for item in zoo.eval_items(skill, "search")[:20]]} for skill in skills]}
     out = tmp_path_factory.mktemp("zoo_moe") / "moe"
@@ -183,18 +186,20 @@ def zoo_moe(tmp_path_factory):
     return family, skills, model, AutoTokenizer.from_pretrained(out)
 
 
-# Measured on the zoo as built at 21:00 (search/zoo.py then): mergekit's `hidden` gating reads the last
-# prompt token, "=" in every skill, whose states at layers 0-1 are the same for all prompts, so those
-# routers are equal rows and top-2 picks among tied experts; layers 2-3 separate the skills only partly.
-# Prompts routed mostly to their expert: rev 1.00, cap 0.00, nxt 0.00; skills (MoE vs expert): rev 0.00
-# vs 0.00, cap 0.00-1.00 (depends on how ties break) vs 1.00, nxt 0.67 vs 1.00.
-# strict: once the family routes, these pass and must be unmarked.
-ZOO_ROUTING = pytest.mark.xfail(strict=True, reason="mergekit-style routers do not separate the demo skills")
+# Measured on the zoo as built now (test split, MoE vs expert): rev 0.33 vs 1.00, cap 0.79 vs 1.00, nxt 0.40 vs
+# 1.00. Routing is right per prompt but not per token: the answer's first letter is emitted at "=", whose
+# layer-1 router input gets the skill from layer-1 attention, while router rows come from the layer's input
+# (mergekit's `hidden*` gates); there the own expert is top-1 for 0.55, 0.36 and 0.42 of the prompts. MoE-only
+# experts (LoRA on the layer-1 MLP, replay as the zoo's) were measured too and stay short (best: rev 0.58 vs
+# 0.98, cap 0.99, nxt 0.84 vs 1.00), as does an identity block appended to the base with experts on its MLP.
+# strict: once the family keeps each skill, this passes and must be unmarked.
+ZOO_SKILLS = pytest.mark.xfail(strict=True, reason="per-token routing at '=' is near chance for rev and nxt")
 
 
-@ZOO_ROUTING
 def test_zoo_moe_routes_each_skill_to_its_expert(zoo_moe):
-    """Most test prompts of a skill put the largest routing mass (all tokens, all layers) on its expert."""
+    """Most test prompts of a skill put the largest routing mass (all tokens, all layers) on its expert.
+
+    Measured: every test prompt of every skill does (layer 1 alone: rev 0.85, cap 0.93, nxt 1.00)."""
     from search import zoo
 
     family, skills, model, tokenizer = zoo_moe
@@ -208,7 +213,7 @@ def test_zoo_moe_routes_each_skill_to_its_expert(zoo_moe):
         assert share >= 0.5, f"{skill}: {share:.2f} of its prompts routed mostly to its expert"
 
 
-@ZOO_ROUTING
+@ZOO_SKILLS
 def test_zoo_moe_keeps_each_expert_skill(zoo_moe):
     from search import zoo
 
