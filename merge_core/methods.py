@@ -206,22 +206,26 @@ def _slerp_flat(a: Tensor, b: Tensor, t: float, out: Tensor) -> Tensor:
     dtype = _float_dtype(a)
     t = _scalar(t, dtype)
     chunks = [slice(i, i + _SLERP_CHUNK) for i in range(0, a.numel(), _SLERP_CHUNK)]
-    norms = [None] * len(chunks)
+    norms = [None] * len(chunks)  # per-chunk results as Python numbers: small tensors kept between the
+    # chunks' large temporaries would fragment malloc's heap and grow it by a chunk each (GBs per tensor)
 
     def chunk_norms(j):
-        norms[j] = [torch.linalg.vector_norm(x[chunks[j]].to(dtype)) for x in (a, b)]
+        norms[j] = [torch.linalg.vector_norm(x[chunks[j]].to(dtype)).item() for x in (a, b)]
 
     _each_chunk(chunk_norms, len(chunks))
-    norm_a, norm_b = (torch.linalg.vector_norm(torch.stack(column)) for column in zip(*norms))
+    norm_a, norm_b = (torch.linalg.vector_norm(torch.tensor(column, dtype=dtype)) for column in zip(*norms))
     norm_a = norm_a if norm_a > 1e-8 else torch.ones((), dtype=dtype)
     norm_b = norm_b if norm_b > 1e-8 else torch.ones((), dtype=dtype)
     dots = [None] * len(chunks)
 
     def chunk_dot(j):
-        dots[j] = torch.dot(a[chunks[j]].to(dtype) / norm_a, b[chunks[j]].to(dtype) / norm_b)
+        dots[j] = torch.dot(a[chunks[j]].to(dtype) / norm_a, b[chunks[j]].to(dtype) / norm_b).item()
 
     _each_chunk(chunk_dot, len(chunks))
-    dot = torch.as_tensor(sum(dots), dtype=dtype).clamp(-1, 1)
+    dot = torch.zeros((), dtype=dtype)
+    for chunk_dot_value in dots:  # summed in ``dtype``, chunk after chunk
+        dot += chunk_dot_value
+    dot = dot.clamp(-1, 1)
     if dot.abs() > 0.9995:
         coef_a, coef_b = 1 - t, t
     else:
