@@ -99,14 +99,15 @@ def _all_finite(tensor: torch.Tensor) -> bool:
 
 def _tensor_cache(cache: dict, job: TensorJob, itemsize: int, budget: int | None) -> tuple[dict, bool]:
     """The tensor's own cache dict, and whether methods may keep whole-tensor precomputations in it (task
-    vectors, magnitude order: about twice the non-base inputs). First come, first served within
-    ``budget`` bytes, decided once per tensor so every candidate takes the same path."""
+    vectors, plus sorted magnitudes for wider than 16-bit floats, whose histogram is too big to keep).
+    First come, first served within ``budget`` bytes, decided once per tensor so every candidate takes the
+    same path."""
     key = (job.name, tuple(job.models), tuple(job.tensor_names), job.base)
     if key not in cache:
         numel = 1
         for size in job.shape:
             numel *= size
-        cost = 2 * numel * itemsize * (len(job.models) - (job.base is not None))
+        cost = (2 if itemsize > 2 else 1) * numel * itemsize * (len(job.models) - (job.base is not None))
         spent = cache.get("precomputed_bytes", 0)
         allowed = budget is None or spent + cost <= budget
         cache[key] = ({}, allowed)

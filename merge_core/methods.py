@@ -458,6 +458,34 @@ def _sorted_key_finder(sorted_keys: Tensor) -> Callable[[int], tuple[int, int, i
     return find
 
 
+def _index_after_tie(left: int, equal: int, key: int, key_chunk: Callable[[int], Tensor],
+                     chunks: list[slice]) -> int:
+    """One past the index of the left-th of ``equal`` ties (keys equal to ``key``) in index order. Ties are
+    counted chunk by chunk from the nearer end (the one the left-th tie is closer to if ties are spread
+    evenly), on all workers, until it is reached: about a quarter of a pass on average instead of one."""
+    from_front = 2 * left <= equal
+    order = list(range(len(chunks))) if from_front else list(range(len(chunks) - 1, -1, -1))
+    rank = left if from_front else equal - left + 1  # the tie's rank counted from that end
+    done, reached = 0, 0
+    batch = min(len(order), len(order) * rank // equal + 2)
+    while True:
+        ties = torch.zeros(batch, dtype=torch.int64)
+
+        def count(b, js=order[done:done + batch]):
+            keys = key_chunk(js[b])
+            ties[b] = keys.numel() - torch.count_nonzero(keys.sub_(key))
+
+        _each_chunk(count, len(order[done:done + batch]))
+        total = reached + ties.cumsum(0)
+        if total[-1] >= rank:
+            b = int(torch.searchsorted(total, rank))
+            j, rank = order[done + b], rank - int(total[b] - ties[b])
+            positions = (key_chunk(j) == key).nonzero().view(-1)
+            return chunks[j].start + int(positions[rank - 1 if from_front else -rank]) + 1
+        done, reached = done + batch, int(total[-1])
+        batch = min(len(order) - done, max(2, batch // 4))
+
+
 def _top_k_selector(k: int, n: int, find_key: Callable[[int], tuple[int, int, int]],
                     key_chunk: Callable[[int], Tensor], chunks: list[slice],
                     dtype: torch.dtype) -> Callable[[int, Tensor], Tensor]:
@@ -471,18 +499,7 @@ def _top_k_selector(k: int, n: int, find_key: Callable[[int], tuple[int, int, in
     if k <= 0 or k >= n:
         return lambda j, delta: torch.full(delta.shape, -int(k > 0), dtype=key_dtype)
     key, left, equal = find_key(k)
-    cut = n
-    if left < equal:
-        others = torch.zeros(len(chunks), dtype=torch.int64)  # per chunk, the keys that are not ties
-
-        def count(j):
-            others[j] = torch.count_nonzero(key_chunk(j).sub_(key))
-
-        _each_chunk(count, len(chunks))
-        ties = torch.tensor([len(range(n)[c]) for c in chunks]) - others
-        j = int(torch.searchsorted(ties.cumsum(0), left))  # the chunk holding the left-th tie
-        left -= int(ties[:j].sum())
-        cut = chunks[j].start + int((key_chunk(j) == key).nonzero()[left - 1]) + 1
+    cut = n if left == equal else _index_after_tie(left, equal, key, key_chunk, chunks)
     sign = 8 * torch.empty(0, dtype=key_dtype).element_size() - 1
     with_ties, above = (torch.tensor(value, dtype=key_dtype) for value in (key - 1, key))
 
@@ -543,14 +560,15 @@ def _della_keep(delta: Tensor, density: float, epsilon: float, work: torch.dtype
     return _draw(probabilities.float(), probabilities.shape, generator, work)
 
 
-def _sparsify_plan(tensors, base, i, p, params, ctx, kind, chunks):
+def _sparsify_plan(tensors, base, i, p, params, ctx, kind, chunks, task_vector: Tensor | None = None):
     """How model i's task vector is sparsified: ``keep(j, delta)``, called for chunks in any order, gives
     chunk j's mask (0/1 floats, or all-ones/zero integer bits; or is None), and the rescale factor (or None).
 
     Magnitude and random masks are computed on the fly; DELLA's, and rescaled magnitude ones, are made
     first in one pass per model (model after model, so DELLA's draws come in mergekit's order) that also
     sums the l1 norms, and kept in the compute dtype. The magnitude histogram, density-independent, goes
-    through ``ctx.cache``, so a search sweeping densities over the same inputs computes it once.
+    through ``ctx.cache``, so a search sweeping densities over the same inputs computes it once; so can
+    model i's flat ``task_vector``, which then saves a subtraction per pass.
     """
     density = p["density"]
     if kind is None or density >= 1:
@@ -558,14 +576,17 @@ def _sparsify_plan(tensors, base, i, p, params, ctx, kind, chunks):
     origin, model = tensors[base].reshape(-1), tensors[i].reshape(-1)
     n, dtype = origin.numel(), origin.dtype
 
+    def chunk_delta(c: slice) -> Tensor:
+        return model[c] - origin[c] if task_vector is None else task_vector[c]
+
     def deltas():
-        return (model[c] - origin[c] for c in chunks)
+        return (chunk_delta(c) for c in chunks)
 
     if kind.startswith("magnitude"):
         work = dtype
 
         def key_chunk(j):
-            return magnitude_keys(model[chunks[j]] - origin[chunks[j]])
+            return magnitude_keys(chunk_delta(chunks[j]))
 
         select = partial(_top_k_selector, n=n, find_key=_key_finder(ctx, i, key_chunk, chunks, dtype),
                          key_chunk=key_chunk, chunks=chunks, dtype=dtype)
@@ -600,7 +621,7 @@ def _sparsify_plan(tensors, base, i, p, params, ctx, kind, chunks):
     stored, before, after = [], 0.0, 0.0
     accumulator = _float_dtype(torch.empty(0, dtype=work))
     for mask, delta in zip(masks, deltas()):
-        magnitude = delta.to(work).abs_()
+        magnitude = delta.to(work, copy=True).abs_()  # the delta may be the cached task vector
         before += magnitude.sum(dtype=accumulator).item()
         _apply_mask(magnitude, mask)
         after += magnitude.sum(dtype=accumulator).item()
@@ -730,20 +751,26 @@ def _task_arithmetic_chunks(tensors, base, model_params, params, ctx, sparsifica
     origin = tensors[base]
     others = _others(tensors, base)
     chunks = _chunks(origin.numel())
-    plans = [_sparsify_plan(tensors, base, i, model_params[i], params, ctx, sparsification, chunks)
-             for i in others]
-    weights = torch.tensor([model_params[i]["weight"] for i in others], dtype=origin.dtype).view(-1, 1)
     flat = [t.reshape(-1) for t in tensors]
     stored = _stored_deltas(flat, base, others, ctx, sparsification)
+    plans = [_sparsify_plan(tensors, base, i, model_params[i], params, ctx, sparsification, chunks,
+                            None if stored is None else stored[row]) for row, i in enumerate(others)]
+    weights = torch.tensor([model_params[i]["weight"] for i in others], dtype=origin.dtype).view(-1, 1)
     out = _flat_output(ctx, origin)
 
     def merge_chunk(j):
         c = chunks[j]
         start = flat[base][c]
-        deltas = _chunk_deltas(flat, start, others, c) if stored is None else stored[:, c].clone()
-        for row, weight, (keep, scale) in zip(deltas, weights.tolist(), plans):
+        if stored is None:
+            deltas = _chunk_deltas(flat, start, others, c)
+            task_vectors = deltas
+        else:  # masked (or copied) out of the cache into the rows
+            deltas, task_vectors = torch.empty((len(others), start.numel()), dtype=start.dtype), stored[:, c]
+        for row, task_vector, weight, (keep, scale) in zip(deltas, task_vectors, weights.tolist(), plans):
             if keep is not None:
-                _apply_mask(row, keep(j, row))
+                _apply_mask(row, keep(j, task_vector), task_vector if stored is not None else None)
+            elif stored is not None:
+                row.copy_(task_vector)
             if scale is not None and scale.dtype == row.dtype:
                 row.mul_(scale)
             elif scale is not None:  # float16 inputs: mergekit rescales in float32
@@ -755,12 +782,14 @@ def _task_arithmetic_chunks(tensors, base, model_params, params, ctx, sparsifica
     return out.view(origin.shape)
 
 
-def _apply_mask(row: Tensor, mask: Tensor) -> None:
-    """Zero ``row`` where ``mask`` drops: a 0/1 float mask multiplies, an integer bit mask ands its bits."""
+def _apply_mask(row: Tensor, mask: Tensor, source: Tensor | None = None) -> None:
+    """Zero ``row`` where ``mask`` drops (or write ``source`` masked into it): a 0/1 float mask multiplies,
+    an integer bit mask ands its bits."""
+    source = row if source is None else source
     if mask.is_floating_point():
-        row.mul_(mask)
+        torch.mul(source, mask, out=row)
     else:
-        row.view(mask.dtype).bitwise_and_(mask)
+        torch.bitwise_and(source.view(mask.dtype), mask, out=row.view(mask.dtype))
 
 
 def _chunk_deltas(flat: list[Tensor], start: Tensor, others: list[int], c: slice) -> Tensor:

@@ -150,6 +150,25 @@ def test_16bit_ties_differs_from_mergekit_only_at_threshold_ties(dtype):
     assert (differing == threshold).all()
 
 
+@pytest.mark.parametrize("density", [0.05, 0.3, 0.5, 0.7, 0.97])
+def test_threshold_ties_kept_are_the_lowest_indices_across_chunks(monkeypatch, density):
+    """Eight magnitudes only, so most of the threshold's ties are dropped; the kept ones are the first in
+    index order, whichever end of the tensor the tie search starts from."""
+    monkeypatch.setattr(methods, "_CHUNK", 997)
+    generator = torch.Generator().manual_seed(5)
+    magnitudes = torch.randint(1, 9, (200, 173), generator=generator)
+    signs = torch.randint(0, 2, (200, 173), generator=generator) * 2 - 1
+    model = (magnitudes * signs).to(torch.bfloat16) / 8
+    base = torch.zeros_like(model)
+    kept = (run_ours("ties", [base, model], 0, [{"weight": 1.0, "density": density}], {}) != 0).view(-1)
+    k = int(density * model.numel())
+    threshold = magnitudes.view(-1).sort(descending=True).values[k - 1]
+    ties = kept[(magnitudes.view(-1) == threshold).nonzero().view(-1)]
+    assert kept.sum() == k
+    assert (magnitudes.view(-1)[kept] >= threshold).all()
+    assert ties[:int(ties.sum())].all() and 0 < ties.sum() < len(ties)
+
+
 def test_threshold_selection_agrees_with_sort_for_every_dtype():
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         model = models((1000, 30), 1, dtype, seed=3)[0]
