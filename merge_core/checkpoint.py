@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -338,6 +339,8 @@ class ShardedWriter:
         self.weight_map: dict[str, str] = {}
         self._offsets: dict[str, tuple[int, int]] = {}  # name -> (fd, absolute offset)
         self._fds: list[int] = []
+        self._paths: dict[int, Path] = {}
+        self._mapped: dict[str, int] = {}  # name -> address of its destination
         self._written: set[str] = set()
         self._lock = threading.Lock()
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -352,6 +355,7 @@ class ShardedWriter:
         header, offsets = _shard_header(names, self.layout)
         fd = os.open(self.out_dir / file_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._fds.append(fd)
+        self._paths[fd] = self.out_dir / file_name
         os.pwrite(fd, header, 0)
         os.ftruncate(fd, len(header) + sum(self._nbytes(name) for name in names))
         for name in names:
@@ -366,6 +370,17 @@ class ShardedWriter:
     def total_size(self) -> int:
         return sum(self._nbytes(name) for name in self.layout)
 
+    def destination(self, name: str) -> Tensor:
+        """Where ``name`` lies in its shard file, mapped into memory: a method that computes into it writes
+        the page cache directly, on its own threads (no output buffer, no copy, no serial write), and
+        ``write`` then has nothing to copy. The mapping goes when the last view of it does."""
+        shape, dtype = self.layout[name]
+        fd, offset = self._offsets[name]
+        mapped = np.memmap(self._paths[fd], dtype=np.uint8, mode="r+", offset=offset, shape=(self._nbytes(name),))
+        view = torch.from_numpy(mapped).view(dtype).view(shape)
+        self._mapped[name] = view.data_ptr()
+        return view
+
     def write(self, name: str, tensor: Tensor) -> None:
         """Store ``tensor`` (cast to the layout's dtype, moved to CPU) under ``name``; each name exactly once."""
         if name not in self.layout:
@@ -377,6 +392,8 @@ class ShardedWriter:
             if name in self._written:
                 raise ValueError(f"tensor {name!r} written twice")
             self._written.add(name)
+        if self._mapped.pop(name, None) == tensor.data_ptr() and tensor.dtype == dtype and tensor.is_contiguous():
+            return  # computed in place
         data = tensor.detach().to(device="cpu", dtype=dtype).contiguous().reshape(-1).view(torch.uint8)
         fd, offset = self._offsets[name]
         buffer = memoryview(data.numpy())  # uint8 view: works for bf16/fp8, which numpy lacks

@@ -278,7 +278,8 @@ def merge(recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", dtype: st
         with BackgroundWrites(writer) as to_disk:
             run_plan(plan, sources, lambda job, tensor: to_disk(job.name, tensor.to(device="cpu",
                                                                                    dtype=layout[job.name][1])),
-                     dtype=compute_dtype, device=device, seed=seed, progress=progress)
+                     dtype=compute_dtype, device=device, seed=seed, progress=progress,
+                     destination=(lambda job: writer.destination(job.name)) if device == "cpu" else lambda job: None)
         writer.close()
         (tmp / "config.json").write_text(json.dumps(output_config(plan, out_dtype), indent=2))
         template_dir = sources[plan.template_model].path
