@@ -20,6 +20,7 @@ import torch
 from merge_core import chat_templates
 from merge_core.checkpoint import CheckpointReader, ShardedWriter, atomic_output_dir, parse_size
 from merge_core.errors import EvomergeError
+from merge_core.memory import reuse_freed_memory
 from merge_core.methods import TensorContext
 from merge_core.plan import MergePlan, Source, TensorJob, plan_merge
 from merge_core.recipe import Recipe
@@ -259,6 +260,7 @@ def merge(recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", dtype: st
                          copy_tokenizer=copy_tokenizer, force=force, allow_pickle=allow_pickle,
                          recipe_dir=Path(recipe_dir) if recipe_dir else None)
     _check_device(device)
+    reuse_freed_memory()
     compute_dtype, out_dtype = _dtypes(recipe, dtype)
     max_shard = parse_size(out_shard_size)
     out_dir = Path(out_dir)
@@ -306,6 +308,7 @@ def merge_into(model: torch.nn.Module, recipe: Recipe, sources: dict[str, Source
     Pass the same ``cache`` dict for every candidate merged from the same sources (a search);
     ``precompute_bytes`` bounds its whole-tensor precomputations (None: unbounded).
     """
+    reuse_freed_memory()
     compute_dtype, _ = _dtypes(recipe, dtype)
     plan = plan_merge(recipe, sources)
     state = model.state_dict()

@@ -2,9 +2,29 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 from pathlib import Path
 
 import torch
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+@functools.cache
+def reuse_freed_memory() -> None:
+    """Have glibc keep freed chunk-sized buffers for reuse instead of handing them back to the kernel: a
+    merge allocates and frees the same few-hundred-KB temporaries thousands of times on two threads, and
+    glibc's defaults (an adaptive mmap threshold, trimmed thread arenas) return them and fault them in
+    again: 5 of 32 CPU-s of a Llama-1B DARE merge here. Buffers over 32 MiB are still mapped and returned.
+    Process-wide, once; a no-op off glibc."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is None or not hasattr(libc, "mallopt"):
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # also stops glibc adapting it
+    libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
 
 
 class TensorSource:
