@@ -14,10 +14,13 @@ from merge_core.errors import EvomergeError
 
 
 def _offline_defaults() -> None:
-    """No model or dataset is fetched unless the user asks for it (set HF_HUB_OFFLINE=0)."""
+    """No model or dataset is fetched unless the user asks for it (set HF_HUB_OFFLINE=0). Offline, the hub's
+    progress bars would only be transformers' per-load "Loading weights" lines cluttering ours."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if os.environ["HF_HUB_OFFLINE"] == "1":
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
