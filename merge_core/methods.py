@@ -755,9 +755,12 @@ def _task_arithmetic_chunks(tensors, base, model_params, params, ctx, sparsifica
     chunks = _chunks(origin.numel())
     flat = [t.reshape(-1) for t in tensors]
     stored = _stored_deltas(flat, base, others, ctx, sparsification)
+    weights = torch.tensor([model_params[i]["weight"] for i in others], dtype=origin.dtype).view(-1, 1)
+    if (stored is not None and _cached(ctx, ("unchanged",), lambda: not bool(stored.any()))
+            and bool(weights.isfinite().all())):  # no fine-tune changed it (frozen in a LoRA): the base, + 0
+        return torch.add(flat[base], 0.0, out=_flat_output(ctx, origin)).view(origin.shape)
     plans = [_sparsify_plan(tensors, base, i, model_params[i], params, ctx, sparsification, chunks,
                             None if stored is None else stored[row]) for row, i in enumerate(others)]
-    weights = torch.tensor([model_params[i]["weight"] for i in others], dtype=origin.dtype).view(-1, 1)
     out = _flat_output(ctx, origin)
 
     def merge_chunk(j):

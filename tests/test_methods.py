@@ -252,6 +252,22 @@ def test_cache_reuse_across_densities_gives_same_result(monkeypatch, name, param
     assert bool(cache) == (name != "dare_ties" and (precompute or name != "task_arithmetic"))
 
 
+@pytest.mark.parametrize("name,params", [("ties", {}), ("task_arithmetic", {"normalize": True}),
+                                         ("breadcrumbs_ties", {"rescale": True}), ("dare_linear", {})])
+def test_tensor_no_fine_tune_changed_is_the_base_cached_or_not(name, params):
+    """A tensor frozen in every fine-tune (LoRA leaves embeddings and norms alone) merges to the base
+    (-0.0 becomes +0.0, as base + 0 does), with the search cache's shortcut and without it."""
+    base = models((40, 30), 1, torch.bfloat16)[0]
+    base[0, 0] = -0.0
+    per_model = [{"weight": 0.7, "density": 0.4}, {"weight": 0.2, "density": 0.6}]
+    cache = {}
+    cached = run_ours(name, [base, base.clone(), base.clone()], 0, per_model, params, cache=cache, precompute=True)
+    uncached = run_ours(name, [base, base.clone(), base.clone()], 0, per_model, params)
+    assert torch.equal(cached, base) and torch.equal(uncached, base)
+    assert cached.view(torch.int16).equal(uncached.view(torch.int16))
+    assert str(cached[0, 0].item()) == "0.0"
+
+
 def test_linear_weights_one_zero_returns_first_model():
     a, b = models((8, 4), 2)
     assert torch.equal(run_ours("linear", [a, b], None, [{"weight": 1.0}, {"weight": 0.0}], {}), a)
