@@ -8,6 +8,7 @@ model or a whole shard.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import mmap
@@ -320,6 +321,19 @@ def _shard_header(names: list[str], layout) -> tuple[bytes, dict[str, int]]:
     return struct.pack("<Q", len(encoded)) + encoded, {name: data_start + off for name, off in relative.items()}
 
 
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+@contextmanager
+def _disk_full_is_an_error(path: Path, size: int) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _DISK_FULL:
+            raise
+        raise EvomergeError(f"output {path}: no room for {size:,} bytes ({os.strerror(exc.errno)})") from None
+
+
 class ShardedWriter:
     """Writes a safetensors checkpoint tensor by tensor, in any order, straight to its final place on disk.
 
@@ -352,12 +366,22 @@ class ShardedWriter:
             raise
 
     def _create_shard(self, file_name: str, names: list[str]) -> None:
+        """Lay the shard out and take its disk space now: a full disk is then a one-line error before any
+        work, not a crash (SIGBUS) on a write through a mapping."""
         header, offsets = _shard_header(names, self.layout)
-        fd = os.open(self.out_dir / file_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self._fds.append(fd)
-        self._paths[fd] = self.out_dir / file_name
-        os.pwrite(fd, header, 0)
-        os.ftruncate(fd, len(header) + sum(self._nbytes(name) for name in names))
+        size = len(header) + sum(self._nbytes(name) for name in names)
+        path = self.out_dir / file_name
+        with _disk_full_is_an_error(path, size):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fds.append(fd)
+            self._paths[fd] = path
+            os.pwrite(fd, header, 0)
+            os.ftruncate(fd, size)
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as exc:
+                if exc.errno in _DISK_FULL:
+                    raise
         for name in names:
             self.weight_map[name] = file_name
             self._offsets[name] = (fd, offsets[name])
@@ -397,9 +421,10 @@ class ShardedWriter:
         data = tensor.detach().to(device="cpu", dtype=dtype).contiguous().reshape(-1).view(torch.uint8)
         fd, offset = self._offsets[name]
         buffer = memoryview(data.numpy())  # uint8 view: works for bf16/fp8, which numpy lacks
-        while buffer:
-            done = os.pwrite(fd, buffer, offset)
-            buffer, offset = buffer[done:], offset + done
+        with _disk_full_is_an_error(self._paths[fd], len(buffer)):
+            while buffer:
+                done = os.pwrite(fd, buffer, offset)
+                buffer, offset = buffer[done:], offset + done
 
     def close(self) -> None:
         """Finish the checkpoint: fails if a tensor was never written, then writes the index when sharded."""

@@ -157,6 +157,25 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(fam, tmp_path):
         assert not list(tmp_path.glob(".out*")), f"{case}: temporary output left behind"
 
 
+def test_full_disk_is_one_line_exit_2_and_leaves_nothing(fam, tmp_path, monkeypatch, capsys):
+    """The shards' space is taken before any tensor is merged, so a full disk is an error there, not a
+    crash (SIGBUS) on a write through the mapped output."""
+    import errno
+    import os
+
+    from search.cli import main
+
+    def no_room(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", no_room)
+    path = write_recipe(tmp_path, linear(fam))
+    assert main(["merge", str(path), str(tmp_path / "out")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "no room for" in lines[0] and "No space left on device" in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
+
+
 def test_missing_shard_is_named(fam, tmp_path):
     sharded = tmp_path / "sharded"
     assert evomerge("merge", write_recipe(tmp_path, linear(fam)), sharded, "--out-shard-size", "20KB").returncode == 0
