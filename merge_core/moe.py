@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import model_validator
 
 from merge_core.architecture import count_layers
 from merge_core.checkpoint import CheckpointReader, ShardedWriter, atomic_output_dir, parse_size
 from merge_core.errors import EvomergeError
-from merge_core.recipe import DTYPES, validate
+from merge_core.recipe import DTYPES, StrictModel, validate
 
 GATE_MODES = ("hidden", "hidden_last", "hidden_avg", "cheap_embed", "random", "uniform_random")
 MIXTRAL_BASES = ("llama", "mistral")
@@ -36,11 +36,7 @@ QWEN_BASES = ("qwen2",)
 MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Expert(_Strict):
+class Expert(StrictModel):
     source_model: str
     positive_prompts: list[str] | None = None
     negative_prompts: list[str] | None = None
@@ -48,7 +44,7 @@ class Expert(_Strict):
     residual_scale: float | None = None
 
 
-class MoERecipe(_Strict):
+class MoERecipe(StrictModel):
     """mergekit-moe's ``MoEMergeConfig``, plus the ``merge_method: moe`` key the seeds' recipes carry."""
 
     merge_method: Literal["moe"] = "moe"

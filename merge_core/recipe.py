@@ -22,11 +22,13 @@ ScalarOrGradient = Union[Scalar, list[Scalar]]
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False)
+class StrictModel(BaseModel):
+    """A YAML mapping read into a model: an unknown key is an error naming it, never silently dropped."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
-class ConditionalParameter(_Strict):
+class ConditionalParameter(StrictModel):
     """``{filter: substring, value: …}``: applies to tensors whose name contains ``filter``."""
 
     value: ScalarOrGradient
@@ -37,12 +39,12 @@ ParameterSetting = Union[ConditionalParameter, list[ConditionalParameter], Scala
 Parameters = dict[str, ParameterSetting]
 
 
-class InputModel(_Strict):
+class InputModel(StrictModel):
     model: str
     parameters: Parameters | None = None
 
 
-class InputSlice(_Strict):
+class InputSlice(StrictModel):
     model: str
     layer_range: tuple[int, int]
     parameters: Parameters | None = None
@@ -55,7 +57,7 @@ class InputSlice(_Strict):
         return self
 
 
-class OutputSlice(_Strict):
+class OutputSlice(StrictModel):
     sources: list[InputSlice]
     base_model: str | None = None
     residual_weight: float | None = None
@@ -72,29 +74,29 @@ class OutputSlice(_Strict):
         return self
 
 
-class ModelTokenSource(_Strict):
+class ModelTokenSource(StrictModel):
     kind: Literal["model_token"]
     model: str
     token_id: int | None = None
     token: str | None = None
 
 
-class ZeroTokenSource(_Strict):
+class ZeroTokenSource(StrictModel):
     kind: Literal["zero"]
 
 
-class TokenEmbedding(_Strict):
+class TokenEmbedding(StrictModel):
     source: Union[ModelTokenSource, ZeroTokenSource, str, None] = None
     force: bool = False
 
 
-class TokenizerSpec(_Strict):
+class TokenizerSpec(StrictModel):
     source: str = "union"
     tokens: dict[str, TokenEmbedding] | None = None
     pad_to_multiple_of: int | None = None
 
 
-class Provenance(_Strict):
+class Provenance(StrictModel):
     """Where an exported recipe came from; mergekit ignores this block, evomerge uses ``seed``."""
 
     version: str | None = None
@@ -105,7 +107,7 @@ class Provenance(_Strict):
     objective: float | None = None
 
 
-class Recipe(_Strict):
+class Recipe(StrictModel):
     """A merge recipe (mergekit's ``MergeConfiguration``), plus evomerge's optional provenance block."""
 
     merge_method: str

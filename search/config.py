@@ -5,18 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from merge_core.errors import EvomergeError
 from merge_core.methods import get_method
-from merge_core.recipe import read_yaml_mapping, validate
+from merge_core.recipe import StrictModel, read_yaml_mapping, validate
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class SearchedParameter(_Strict):
+class SearchedParameter(StrictModel):
     """Bounds of one merge parameter and how finely it varies across the model.
 
     ``granularity``: ``global`` (one value), ``groups`` (one value per tensor-name filter group of
@@ -37,13 +33,13 @@ class SearchedParameter(_Strict):
         return self
 
 
-class TaskSpec(_Strict):
+class TaskSpec(StrictModel):
     name: str
     weight: float = Field(default=1.0, gt=0)
     metric: str | None = None
 
 
-class SearchConfig(_Strict):
+class SearchConfig(StrictModel):
     """Everything ``evomerge search`` needs; see the README's search config reference."""
 
     name: str = "search"
