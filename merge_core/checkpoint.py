@@ -380,7 +380,7 @@ class ShardedWriter:
             try:
                 os.posix_fallocate(fd, 0, size)
             except OSError as exc:
-                if exc.errno in _DISK_FULL:
+                if exc.errno in _DISK_FULL:  # else the file system cannot reserve: write as it comes
                     raise
         for name in names:
             self.weight_map[name] = file_name

@@ -31,7 +31,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 from typing import Any, Callable, Iterable
 
 import torch
@@ -373,7 +373,11 @@ def _one_thread():
 
 
 _WORKERS = 2
-_helpers: list[ThreadPoolExecutor] = []
+
+
+@cache
+def _helper_threads() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(_WORKERS - 1, "evomerge-chunks", torch.set_num_threads, (1,))
 
 
 def _each_chunk(work: Callable[[int], None], count: int) -> None:
@@ -386,10 +390,7 @@ def _each_chunk(work: Callable[[int], None], count: int) -> None:
         for j in tickets:
             work(j)
 
-    helpers = min(_WORKERS, count) - 1
-    if helpers and not _helpers:
-        _helpers.append(ThreadPoolExecutor(_WORKERS - 1, "evomerge-chunks", torch.set_num_threads, (1,)))
-    running = [_helpers[0].submit(drain) for _ in range(helpers)]
+    running = [_helper_threads().submit(drain) for _ in range(min(_WORKERS, count) - 1)]
     try:
         drain()
     except BaseException:
@@ -477,7 +478,7 @@ def _index_after_tie(left: int, equal: int, key: int, key_chunk: Callable[[int],
             keys = key_chunk(js[b])
             ties[b] = keys.numel() - torch.count_nonzero(keys.sub_(key))
 
-        _each_chunk(count, len(order[done:done + batch]))
+        _each_chunk(count, batch)
         total = reached + ties.cumsum(0)
         if total[-1] >= rank:
             b = int(torch.searchsorted(total, rank))
@@ -767,15 +768,14 @@ def _task_arithmetic_chunks(tensors, base, model_params, params, ctx, sparsifica
         c = chunks[j]
         start = flat[base][c]
         if stored is None:
-            deltas = _chunk_deltas(flat, start, others, c)
-            task_vectors = deltas
+            deltas = task_vectors = _chunk_deltas(flat, start, others, c)
         else:  # masked (or copied) out of the cache into the rows
             deltas, task_vectors = torch.empty((len(others), start.numel()), dtype=start.dtype), stored[:, c]
         for row, task_vector, weight, (keep, scale) in zip(deltas, task_vectors, weights.tolist(), plans):
             if keep is not None:
-                _apply_mask(row, keep(j, task_vector), task_vector if stored is not None else None)
-            elif stored is not None:
-                row.copy_(task_vector)
+                _apply_mask(row, keep(j, task_vector), task_vector)
+            else:
+                row.copy_(task_vector)  # free when they are the same memory
             if scale is not None and scale.dtype == row.dtype:
                 row.mul_(scale)
             elif scale is not None:  # float16 inputs: mergekit rescales in float32
