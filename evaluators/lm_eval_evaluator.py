@@ -30,10 +30,13 @@ SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "num_beams")
 
 
 def offline_defaults() -> None:
-    """No model or dataset is fetched unless the caller opted in (HF_HUB_OFFLINE=0)."""
+    """No model or dataset is fetched unless the caller opted in (HF_HUB_OFFLINE=0). Offline, the hub's
+    progress bars would only be transformers' per-load "Loading weights" lines cluttering ours."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if os.environ["HF_HUB_OFFLINE"] == "1":
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 @functools.lru_cache(maxsize=1)

@@ -7,20 +7,10 @@ into one line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
+from evaluators.lm_eval_evaluator import offline_defaults
 from merge_core.errors import EvomergeError
-
-
-def _offline_defaults() -> None:
-    """No model or dataset is fetched unless the user asks for it (set HF_HUB_OFFLINE=0). Offline, the hub's
-    progress bars would only be transformers' per-load "Loading weights" lines cluttering ours."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if os.environ["HF_HUB_OFFLINE"] == "1":
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -248,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _offline_defaults()
+    offline_defaults()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
