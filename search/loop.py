@@ -45,8 +45,8 @@ HEARTBEAT_SECONDS = 10
 GRACE_SECONDS = 40
 MAX_RETRY = 2
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Whole-tensor precomputations a search keeps (task vectors, sorted magnitudes: about twice the fine-tunes'
-# size): all of a small family's, about a quarter of three 1B bf16 fine-tunes'; the rest streams per trial.
+# Whole-tensor precomputations a search keeps (task vectors, plus sorted magnitudes for float32): all of a
+# small family's, about half of three 1B bf16 fine-tunes' task vectors; the rest streams per trial.
 PRECOMPUTE_BYTES = 4 << 30
 
 
