@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from functools import cache, partial
 from typing import Any, Callable, Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -526,13 +527,14 @@ def _draw(probabilities: Tensor, shape, generator: torch.Generator | None, dtype
     return (probabilities - torch.rand(shape, generator=generator)).sign_().clamp_(min=0).to(dtype)
 
 
-def _keep_bits(kept: int, n: int, generator: torch.Generator, dtype: torch.dtype) -> Tensor:
+def _keep_bits(kept: int, n: int, seed: int, dtype: torch.dtype) -> Tensor:
     """n random masks for entries of ``dtype``, in the integer type of its size: all ones (keep) with
     probability kept / 2^(bits-1), else zero. Random words are cut out of 64-bit draws and compared by
     integer arithmetic (shift, subtract, shift the sign down), several times cheaper than a float32
-    uniform per entry, a comparison and a conversion, as mergekit draws."""
+    uniform per entry, a comparison and a conversion, as mergekit draws. The words come from numpy's
+    SFC64, which draws them twice as fast as torch's Mersenne Twister, without holding the GIL."""
     size = torch.empty(0, dtype=dtype).element_size()
-    words = torch.empty((n * size + 7) // 8, dtype=torch.int64).random_(-2**63, None, generator=generator)
+    words = torch.from_numpy(np.random.SFC64(seed).random_raw((n * size + 7) // 8).view(np.int64))
     cut = kept - 2**(8 * size - 2)  # keep when (word >> 1) < cut; no step can overflow
     return words.view(_KEY_DTYPES[size])[:n].bitwise_right_shift_(1).sub_(cut).bitwise_right_shift_(8 * size - 1)
 
@@ -542,12 +544,12 @@ def _random_plan(density: float, rescale: bool, generator: torch.Generator | Non
     tensor's (one seed per model, drawn model after model), so chunks can be merged in any order and on
     any thread with the same bytes, and no mask is stored. Rescaling divides by the keep probability,
     which keeps the expected task vector exactly (mergekit divides by the kept share of the l1 norm
-    instead, which needs a pass over the tensor and differs from it only by sampling noise)."""
+    instead, which needs a pass over the tensor and differs from it only by sampling noise). The factor
+    is a float: it is folded into the model's weight, one multiplication instead of two."""
     levels = 2**(8 * torch.empty(0, dtype=dtype).element_size() - 1)
     kept = min(max(round(density * levels), 1), levels - 1)
-    scale = torch.tensor(levels / kept, dtype=_bernoulli_dtype(dtype)) if rescale else None
     seed = int(torch.randint(2**62, (), generator=generator))
-    return (lambda j, delta: _keep_bits(kept, delta.numel(), torch.Generator().manual_seed(seed + j), dtype)), scale
+    return (lambda j, delta: _keep_bits(kept, delta.numel(), seed + j, dtype)), (levels / kept if rescale else None)
 
 
 def _della_keep(delta: Tensor, density: float, epsilon: float, work: torch.dtype,
@@ -565,7 +567,8 @@ def _della_keep(delta: Tensor, density: float, epsilon: float, work: torch.dtype
 
 def _sparsify_plan(tensors, base, i, p, params, ctx, kind, chunks, task_vector: Tensor | None = None):
     """How model i's task vector is sparsified: ``keep(j, delta)``, called for chunks in any order, gives
-    chunk j's mask (0/1 floats, or all-ones/zero integer bits; or is None), and the rescale factor (or None).
+    chunk j's mask (0/1 floats, or all-ones/zero integer bits; or is None), and the rescale factor (or None; a
+    float when it may be folded into the weight).
 
     Magnitude and random masks are computed on the fly; DELLA's, and rescaled magnitude ones, are made
     first in one pass per model (model after model, so DELLA's draws come in mergekit's order) that also
@@ -776,11 +779,14 @@ def _task_arithmetic_chunks(tensors, base, model_params, params, ctx, sparsifica
                 _apply_mask(row, keep(j, task_vector), task_vector)
             else:
                 row.copy_(task_vector)  # free when they are the same memory
-            if scale is not None and scale.dtype == row.dtype:
+            factor = weight[0]
+            if isinstance(scale, float):  # random masks: no mergekit rounding to follow
+                factor *= scale
+            elif scale is not None and scale.dtype == row.dtype:
                 row.mul_(scale)
             elif scale is not None:  # float16 inputs: mergekit rescales in float32
                 row.copy_(row.to(scale.dtype) * scale)
-            row.mul_(weight[0])
+            row.mul_(factor)
         torch.add(start, _combine(deltas, weights, consensus, params), out=out[c])
 
     _each_chunk(merge_chunk, len(chunks))
