@@ -78,6 +78,7 @@ def open_storage(config: SearchConfig) -> RDBStorage:
 
 def make_sampler(config: SearchConfig) -> optuna.samplers.BaseSampler:
     if config.sampler == "cmaes":
+        import cmaes  # noqa: F401  imported now (0.7 s, it pulls scipy.stats), not inside the first trial's ask
         return optuna.samplers.CmaEsSampler(seed=config.seed, warn_independent_sampling=False)
     if config.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=config.seed, multivariate=True)
