@@ -22,6 +22,7 @@ from typing import Any
 
 import optuna
 import torch
+from optuna.distributions import FloatDistribution
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.trial import TrialState
@@ -44,6 +45,7 @@ warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to b
 HEARTBEAT_SECONDS = 10
 GRACE_SECONDS = 40
 MAX_RETRY = 2
+REFRESH_SECONDS = 1.0  # how often a worker reads other workers' trials for its budget check and progress bar
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Whole-tensor precomputations a search keeps (task vectors, plus sorted magnitudes for float32): all of a
 # small family's, about half of three 1B bf16 fine-tunes' task vectors; the rest streams per trial.
@@ -76,10 +78,24 @@ def open_storage(config: SearchConfig) -> RDBStorage:
                                 f"{str(exc).splitlines()[0]}") from None
 
 
-def make_sampler(config: SearchConfig) -> optuna.samplers.BaseSampler:
+class _KnownSpaceCmaEsSampler(optuna.samplers.CmaEsSampler):
+    """CMA-ES over the search's own dimensions. The stock sampler infers the space on every ask as the
+    intersection of all past trials' parameters, a full read of the study costing as much as a small
+    model's materialization; a search's space is fixed by its config (sorted by name, as Optuna's)."""
+
+    def __init__(self, dims: list[Dimension], **kwargs):
+        super().__init__(**kwargs)
+        self._space = {d.key: FloatDistribution(d.low, d.high) for d in sorted(dims, key=lambda d: d.key)
+                       if d.low < d.high}
+
+    def infer_relative_search_space(self, study, trial) -> dict[str, FloatDistribution]:
+        return dict(self._space)
+
+
+def make_sampler(config: SearchConfig, dims: list[Dimension]) -> optuna.samplers.BaseSampler:
     if config.sampler == "cmaes":
         import cmaes  # noqa: F401  imported now (0.7 s, it pulls scipy.stats), not inside the first trial's ask
-        return optuna.samplers.CmaEsSampler(seed=config.seed, warn_independent_sampling=False)
+        return _KnownSpaceCmaEsSampler(dims, seed=config.seed, warn_independent_sampling=False)
     if config.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=config.seed, multivariate=True)
     return optuna.samplers.RandomSampler(seed=config.seed)
@@ -247,13 +263,16 @@ def _surplus(done: list[optuna.trial.FrozenTrial], trial: optuna.Trial, config: 
     return sum(t.number < trial.number for t in done) >= config.n_trials
 
 
-def run_trial(study: optuna.Study, bench: Workbench
+def run_trial(study: optuna.Study, bench: Workbench, known: list[optuna.trial.FrozenTrial], refresh: bool
               ) -> tuple[optuna.trial.FrozenTrial | None, list[optuna.trial.FrozenTrial]]:
     """Ask, materialize, score, tell. Returns the told trial (None when other workers used up the budget
-    meanwhile) and the study's complete and running trials as of the ask: one read per trial serves the
-    budget check and the progress bar."""
+    meanwhile) and the study's complete and running trials: ``known`` (the last read) plus this one. The
+    study is read again (a read costs as much as a small model's materialization) only when ``refresh``
+    asks for other workers' trials, or when this trial's number reaches the budget, which is the only
+    way another worker can have taken its slot."""
     trial = study.ask()
-    done = done_trials(study)
+    reaches_budget = bench.config.n_trials is not None and trial.number >= bench.config.n_trials
+    done = done_trials(study) if refresh or reaches_budget else known
     if _surplus(done, trial, bench.config):
         _set_user_attrs(study, trial, {"worker": _worker_id(), "surplus": True})
         study.tell(trial, state=TrialState.PRUNED)
@@ -309,7 +328,7 @@ def create_study(config: SearchConfig, bench: Workbench) -> optuna.Study:
     storage = open_storage(config)
     handwritten = handwritten_point(config, bench.dims)
     study = optuna.create_study(study_name=config.study, storage=storage, direction="maximize",
-                                sampler=make_sampler(config), load_if_exists=True)
+                                sampler=make_sampler(config, bench.dims), load_if_exists=True)
     if "config" not in study.user_attrs:
         study.set_user_attr("config", json.loads(config.model_dump_json()))
         study.set_user_attr("evomerge_version", _version())
@@ -337,9 +356,15 @@ def search(config: SearchConfig, *, config_dir: Path | None = None, evaluator=No
     started = time.monotonic()
     try:
         with _progress(progress, config, baselines) as report:
-            done = done_trials(study)
-            while not stop.requested and budget_left(done, config, started):
-                frozen, done = run_trial(study, bench)
+            done, read_at = done_trials(study), time.monotonic()
+            while not stop.requested:
+                if not budget_left(done, config, started):
+                    done = done_trials(study)  # what was read last may be stale: confirm before stopping
+                    if not budget_left(done, config, started):
+                        break
+                refresh = time.monotonic() - read_at >= REFRESH_SECONDS
+                frozen, done = run_trial(study, bench, done, refresh)
+                read_at = time.monotonic() if refresh else read_at
                 if frozen is None:
                     break
                 report(done, frozen)
