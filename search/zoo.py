@@ -21,7 +21,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -304,8 +304,6 @@ def _finetune_batches(spec: ZooSpec, skill: str, tokenizer, base, held_out: set[
 
 def _finetune_loss(model, batch):
     """Cross-entropy on the own skill's answers plus KL to the base on the replayed answers."""
-    import torch
-
     ids, mask, labels, kl_mask, base_logprobs = batch
     logprobs = model(input_ids=ids, attention_mask=mask).logits.log_softmax(-1)
     targets = labels[:, 1:]
@@ -319,8 +317,11 @@ def _finetune_loss(model, batch):
     return nll + kl
 
 
-def _add_lora(model, rank: int, alpha: float, seed: int):
-    """Low-rank adapters on every attention and MLP projection; returns their parameters."""
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def _add_lora(model, rank: int, alpha: float, seed: int, projections: tuple[str, ...] | None = None):
+    """Low-rank adapters on every attention and MLP projection (or those named); returns their parameters."""
     import torch
     from torch.nn.utils import parametrize
 
@@ -338,7 +339,8 @@ def _add_lora(model, rank: int, alpha: float, seed: int):
         p.requires_grad_(False)
     params = []
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.split(".")[-1].endswith("_proj"):
+        kind = name.split(".")[-1]
+        if isinstance(module, torch.nn.Linear) and kind.endswith("_proj") and kind in (projections or (kind,)):
             lora = LoRA(*module.weight.shape, gen)
             parametrize.register_parametrization(module, "weight", lora)
             params += [lora.down, lora.up]
@@ -408,6 +410,91 @@ def finetune(base, tokenizer, spec: ZooSpec, skill: str, held_out: set[str], log
     _train(model, params, batches, spec.finetune_steps, spec.finetune_lr, log, name, _finetune_loss)
     _fold_lora(model)
     return model
+
+
+# --- experts for a mixture of experts ------------------------------------------------------------------
+
+MOE_READY_DIR = "moe_ready"
+MOE_READY_STEPS = 300
+MOE_READY_LOWEST_SHARE = 0.01
+
+
+@contextlib.contextmanager
+def _mixed_with_base_mlps(model, base, lowest_share: float):
+    """While training, each layer's MLP output is mixed with the base's at a random per-token share of
+    [``lowest_share``, 1]: what a Mixtral router does to an expert that shares tokens with others."""
+    import copy
+
+    import torch
+
+    class MixedWithBase(torch.nn.Module):
+        def __init__(self, tuned, frozen):
+            super().__init__()
+            self.tuned, self.frozen = tuned, frozen
+
+        def forward(self, hidden):
+            share = torch.empty(*hidden.shape[:-1], 1).uniform_(lowest_share, 1.0)
+            return share * self.tuned(hidden) + (1 - share) * self.frozen(hidden)
+
+    layers = model.model.layers
+    tuned = [layer.mlp for layer in layers]
+    for layer, mlp, frozen in zip(layers, tuned, base.model.layers):
+        layer.mlp = MixedWithBase(mlp, copy.deepcopy(frozen.mlp).requires_grad_(False))
+    try:
+        yield
+    finally:
+        for layer, mlp in zip(layers, tuned):
+            layer.mlp = mlp
+
+
+def moe_ready_finetune(base, tokenizer, spec: ZooSpec, skill: str, held_out: set[str], log: Callable[[str], None]):
+    """A fine-tune meant to become a Mixtral expert, which keeps only its MLPs and shares tokens with other
+    experts: LoRA on the MLPs alone, trained mixed with the base's MLPs (replay as ``finetune``)."""
+    import copy
+
+    import torch
+
+    seed = _finetune_seed(spec, skill, False)
+    torch.manual_seed(seed)
+    model = copy.deepcopy(base)
+    params = _add_lora(model, spec.lora_rank, spec.lora_alpha, seed, MLP_PROJECTIONS)
+    batches = _finetune_batches(replace(spec, finetune_steps=MOE_READY_STEPS), skill, tokenizer, base, held_out)
+    with _mixed_with_base_mlps(model, base, MOE_READY_LOWEST_SHARE):
+        _train(model, params, batches, MOE_READY_STEPS, spec.finetune_lr, log, f"{skill} (moe-ready)", _finetune_loss)
+    _fold_lora(model)
+    return model
+
+
+def ensure_moe_ready_experts(zoo: Zoo, log: Callable[[str], None] = lambda message: None) -> dict[str, dict]:
+    """The zoo's skills fine-tuned as MoE experts from its base (built once, cached beside the zoo under the
+    same digest): {skill: {"path", "scores"}}. The zoo's own fine-tunes also changed attention, which a
+    mixture of experts takes from the base, and they never shared a token with another MLP."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = zoo.dir / MOE_READY_DIR
+    directory.mkdir(exist_ok=True)
+    with open(directory / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            manifest = json.loads((directory / MANIFEST).read_text())
+        except (OSError, ValueError):
+            manifest = {}
+        if manifest.get("digest") == zoo.manifest["digest"]:
+            return {skill: {**entry, "path": directory / entry["path"]} for skill, entry in manifest["experts"].items()}
+        spec = ZooSpec(**{key: tuple(value) if isinstance(value, list) else value
+                          for key, value in zoo.manifest["spec"].items()})
+        held_out = held_out_prompts()
+        experts = {}
+        with _deterministic_torch(spec.seed):
+            base = AutoModelForCausalLM.from_pretrained(zoo.base).eval()
+            tokenizer = AutoTokenizer.from_pretrained(zoo.base)
+            for skill in spec.skills:
+                model = moe_ready_finetune(base, tokenizer, spec, skill, held_out, log)
+                shutil.rmtree(directory / skill, ignore_errors=True)
+                _save(model, tokenizer, directory / skill)
+                experts[skill] = {"path": skill, "scores": score_skills(model, tokenizer, spec.skills)}
+        (directory / MANIFEST).write_text(json.dumps({"digest": zoo.manifest["digest"], "experts": experts}, indent=2))
+        return {skill: {**entry, "path": directory / entry["path"]} for skill, entry in experts.items()}
 
 
 def conflicting_name(skill: str) -> str:
@@ -634,7 +721,7 @@ def build_zoo(directory: str | Path = DEFAULT_ZOO_DIR, spec: ZooSpec = DEFAULT_S
         if cached is not None:
             return cached
         foreign = [p.name for p in directory.iterdir()
-                   if p.name not in {".lock", MANIFEST, "base", *SKILLS, *map(conflicting_name, SKILLS)}]
+                   if p.name not in {".lock", MANIFEST, MOE_READY_DIR, "base", *SKILLS, *map(conflicting_name, SKILLS)}]
         if foreign:
             raise EvomergeError(f"{directory} is not a zoo directory (contains {sorted(foreign)[0]}); pick another")
         return _build(directory, spec, log)
