@@ -171,6 +171,17 @@ def _add_report(sub) -> None:
     p.set_defaults(func=cmd_report)
 
 
+def cmd_zoo_build(args: argparse.Namespace) -> None:
+    from search import zoo
+
+    log = (lambda message: None) if args.quiet else print
+    family = zoo.build_zoo(args.dir, log=log)
+    print(zoo.summary(family))
+    if args.moe_ready:
+        for skill, expert in zoo.ensure_moe_ready_experts(family, log).items():
+            print(f"moe-ready expert {skill}: {expert['path']} (test split, {skill}: {expert['scores'][skill]:.2f})")
+
+
 def _add_zoo(sub) -> None:
     from search import zoo
 
@@ -180,7 +191,9 @@ def _add_zoo(sub) -> None:
     build.add_argument("dir", nargs="?", default=str(zoo.DEFAULT_ZOO_DIR),
                        help=f"output directory (default: {zoo.DEFAULT_ZOO_DIR})")
     build.add_argument("--quiet", action="store_true", help="no training log")
-    build.set_defaults(func=lambda args: print(zoo.summary(zoo.build_zoo(args.dir, log=None if args.quiet else print))))
+    build.add_argument("--moe-ready", action="store_true",
+                       help="also fine-tune experts for a mixture of experts (MLPs only, ~1 min) into DIR/moe_ready")
+    build.set_defaults(func=cmd_zoo_build)
     tasks = actions.add_parser("tasks", help="regenerate the lm-eval task YAMLs and JSONL splits of the zoo's skills")
     tasks.add_argument("dir", nargs="?", default=str(zoo.TASKS_DIR), help="task directory (default: configs/tasks)")
     tasks.set_defaults(func=lambda args: print(f"wrote {len(zoo.write_tasks(args.dir))} files under {args.dir}"))

@@ -159,6 +159,25 @@ def test_manifest_records_spec_seeds_and_a_spec_and_code_digest(family):
     assert manifest["build_cpu_seconds"] < 360
 
 
+def test_cli_zoo_build_quiet_prints_the_summary_and_no_training_log(family, monkeypatch, capsys):
+    def build(directory, log):
+        log("base: step 1/2000 loss 4.2")
+        return family
+
+    monkeypatch.setattr(zoo, "build_zoo", build)
+    assert main(["zoo", "build", str(family.dir), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "step 1/2000" not in out and "test-split scores" in out
+
+
+def test_cli_zoo_build_moe_ready_names_each_skills_expert(family, capsys):
+    assert main(["zoo", "build", str(family.dir), "--quiet", "--moe-ready"]) == 0
+    out = capsys.readouterr().out
+    for skill, expert in zoo.ensure_moe_ready_experts(family).items():
+        assert expert["path"] == family.dir / zoo.MOE_READY_DIR / skill and expert["scores"][skill] >= 0.95
+        assert f"moe-ready expert {skill}: {expert['path']} (test split, {skill}: {expert['scores'][skill]:.2f})" in out
+
+
 # --- bad input ------------------------------------------------------------------------------------------------
 
 def test_building_into_a_file_is_an_error_and_the_cli_exits_2(tmp_path, capsys):
