@@ -689,20 +689,23 @@ def _row_sum(rows: Tensor) -> Tensor:
     return total
 
 
-def _elect_by_sign_bits(deltas: Tensor, weights: Tensor) -> Tensor:
+def _elect_by_sign_bits(deltas: Tensor, weights: Tensor | None) -> Tensor | None:
     """TIES ``sum`` election on the floats' sign bits (in place), returning the weights of the entries
-    kept (the rows of mergekit's ``weights * mask``). An entry is kept when its sign bit is the weighted
-    sum's and it is not zero. Integer ops are several times faster than ``sign()`` arithmetic or float
-    comparisons on CPU and give the same bits as mergekit's ``deltas * mask``: a dropped entry becomes +0
-    either way, and a -0 sum of votes counts as positive (adding +0 makes it +0) as its ``>= 0`` does."""
+    kept (the rows of mergekit's ``weights * mask``; None without ``weights``). An entry is kept when its
+    sign bit is the weighted sum's and it is not zero. Integer ops are several times faster than ``sign()``
+    arithmetic or float comparisons on CPU and give the same bits as mergekit's ``deltas * mask``: a dropped
+    entry becomes +0 either way, and a -0 sum of votes counts as positive (adding +0 makes it +0) as its
+    ``>= 0`` does."""
     size = deltas.element_size()
     ints, top = _KEY_DTYPES[size], 8 * size - 1
     votes = _row_sum(deltas).add_(0.0).view(ints)
     bits = deltas.view(ints)
-    differs = torch.bitwise_xor(bits, votes).bitwise_right_shift_(top)  # -1 where signs differ, else 0
-    bits.bitwise_and_(differs.bitwise_not_())
-    zero = bits.bitwise_and(2**top - 1).sub_(1).bitwise_right_shift_(top)  # -1 where ±0, else 0
-    return zero.bitwise_not_().bitwise_and_(weights.view(ints)).view(deltas.dtype)
+    agrees = torch.bitwise_xor(bits, votes.bitwise_not_()).bitwise_right_shift_(top)  # -1 where signs agree
+    bits.bitwise_and_(agrees)
+    if weights is None:
+        return None
+    nonzero = torch.bitwise_and(bits, 2**top - 1, out=agrees).neg_().bitwise_right_shift_(top)  # -1 unless ±0
+    return nonzero.bitwise_and_(weights.view(ints)).view(deltas.dtype)
 
 
 def _combine(deltas: Tensor, weights: Tensor, consensus: str | None, params) -> Tensor:
@@ -714,7 +717,7 @@ def _combine(deltas: Tensor, weights: Tensor, consensus: str | None, params) -> 
         divisor = weights.sum(dim=0)
         divisor[divisor.abs() < 1e-8] = 1
     elif consensus == "sum":
-        kept_weights = _elect_by_sign_bits(deltas, weights)
+        kept_weights = _elect_by_sign_bits(deltas, weights if params["normalize"] else None)
         mixed = _row_sum(deltas)
         if params["normalize"]:
             divisor = _row_sum(kept_weights)
