@@ -395,8 +395,11 @@ def score_skills(model, tokenizer, skills: Iterable[str], split: str = "test") -
 
 
 def finetune(base, tokenizer, spec: ZooSpec, skill: str, held_out: set[str], log: Callable[[str], None],
-             greedy_replay: bool = False):
-    """One skill's LoRA fine-tune of a copy of ``base``, folded into a plain model."""
+             greedy_replay: bool = False, moe_ready: bool = False):
+    """One skill's LoRA fine-tune of a copy of ``base``, folded into a plain model.
+
+    ``moe_ready``: meant to become a Mixtral expert, which keeps only its MLPs and shares tokens with other
+    experts: LoRA on the MLPs alone, trained longer and mixed with the base's MLPs."""
     import copy
 
     import torch
@@ -404,10 +407,14 @@ def finetune(base, tokenizer, spec: ZooSpec, skill: str, held_out: set[str], log
     seed = _finetune_seed(spec, skill, greedy_replay)
     torch.manual_seed(seed)
     model = copy.deepcopy(base)
-    params = _add_lora(model, spec.lora_rank, spec.lora_alpha, seed)
+    params = _add_lora(model, spec.lora_rank, spec.lora_alpha, seed, MLP_PROJECTIONS if moe_ready else None)
+    if moe_ready:
+        spec = replace(spec, finetune_steps=MOE_READY_STEPS)
     batches = _finetune_batches(spec, skill, tokenizer, base, held_out, greedy_replay)
-    name = conflicting_name(skill) if greedy_replay else skill
-    _train(model, params, batches, spec.finetune_steps, spec.finetune_lr, log, name, _finetune_loss)
+    name = conflicting_name(skill) if greedy_replay else f"{skill} (moe-ready)" if moe_ready else skill
+    mixing = _mixed_with_base_mlps(model, base, MOE_READY_LOWEST_SHARE) if moe_ready else contextlib.nullcontext()
+    with mixing:
+        _train(model, params, batches, spec.finetune_steps, spec.finetune_lr, log, name, _finetune_loss)
     _fold_lora(model)
     return model
 
@@ -447,24 +454,6 @@ def _mixed_with_base_mlps(model, base, lowest_share: float):
             layer.mlp = mlp
 
 
-def moe_ready_finetune(base, tokenizer, spec: ZooSpec, skill: str, held_out: set[str], log: Callable[[str], None]):
-    """A fine-tune meant to become a Mixtral expert, which keeps only its MLPs and shares tokens with other
-    experts: LoRA on the MLPs alone, trained mixed with the base's MLPs (replay as ``finetune``)."""
-    import copy
-
-    import torch
-
-    seed = _finetune_seed(spec, skill, False)
-    torch.manual_seed(seed)
-    model = copy.deepcopy(base)
-    params = _add_lora(model, spec.lora_rank, spec.lora_alpha, seed, MLP_PROJECTIONS)
-    batches = _finetune_batches(replace(spec, finetune_steps=MOE_READY_STEPS), skill, tokenizer, base, held_out)
-    with _mixed_with_base_mlps(model, base, MOE_READY_LOWEST_SHARE):
-        _train(model, params, batches, MOE_READY_STEPS, spec.finetune_lr, log, f"{skill} (moe-ready)", _finetune_loss)
-    _fold_lora(model)
-    return model
-
-
 def ensure_moe_ready_experts(zoo: Zoo, log: Callable[[str], None] = lambda message: None) -> dict[str, dict]:
     """The zoo's skills fine-tuned as MoE experts from its base (built once, cached beside the zoo under the
     same digest): {skill: {"path", "scores"}}. The zoo's own fine-tunes also changed attention, which a
@@ -479,22 +468,21 @@ def ensure_moe_ready_experts(zoo: Zoo, log: Callable[[str], None] = lambda messa
             manifest = json.loads((directory / MANIFEST).read_text())
         except (OSError, ValueError):
             manifest = {}
-        if manifest.get("digest") == zoo.manifest["digest"]:
-            return {skill: {**entry, "path": directory / entry["path"]} for skill, entry in manifest["experts"].items()}
-        spec = ZooSpec(**{key: tuple(value) if isinstance(value, list) else value
-                          for key, value in zoo.manifest["spec"].items()})
-        held_out = held_out_prompts()
-        experts = {}
-        with _deterministic_torch(spec.seed):
-            base = AutoModelForCausalLM.from_pretrained(zoo.base).eval()
-            tokenizer = AutoTokenizer.from_pretrained(zoo.base)
-            for skill in spec.skills:
-                model = moe_ready_finetune(base, tokenizer, spec, skill, held_out, log)
-                shutil.rmtree(directory / skill, ignore_errors=True)
-                _save(model, tokenizer, directory / skill)
-                experts[skill] = {"path": skill, "scores": score_skills(model, tokenizer, spec.skills)}
-        (directory / MANIFEST).write_text(json.dumps({"digest": zoo.manifest["digest"], "experts": experts}, indent=2))
-        return {skill: {**entry, "path": directory / entry["path"]} for skill, entry in experts.items()}
+        if manifest.get("digest") != zoo.manifest["digest"]:
+            spec = ZooSpec(**{key: tuple(value) if isinstance(value, list) else value
+                              for key, value in zoo.manifest["spec"].items()})
+            held_out = held_out_prompts()
+            manifest = {"digest": zoo.manifest["digest"], "experts": {}}
+            with _deterministic_torch(spec.seed):
+                base = AutoModelForCausalLM.from_pretrained(zoo.base).eval()
+                tokenizer = AutoTokenizer.from_pretrained(zoo.base)
+                for skill in spec.skills:
+                    model = finetune(base, tokenizer, spec, skill, held_out, log, moe_ready=True)
+                    shutil.rmtree(directory / skill, ignore_errors=True)
+                    _save(model, tokenizer, directory / skill)
+                    manifest["experts"][skill] = {"path": skill, "scores": score_skills(model, tokenizer, spec.skills)}
+            (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return {skill: {**entry, "path": directory / entry["path"]} for skill, entry in manifest["experts"].items()}
 
 
 def conflicting_name(skill: str) -> str:
