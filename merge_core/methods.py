@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from merge_core import native
 from merge_core.errors import EvomergeError
 
 
@@ -549,7 +550,11 @@ def _random_plan(density: float, rescale: bool, generator: torch.Generator | Non
     levels = 2**(8 * torch.empty(0, dtype=dtype).element_size() - 1)
     kept = min(max(round(density * levels), 1), levels - 1)
     seed = int(torch.randint(2**62, (), generator=generator))
-    return (lambda j, delta: _keep_bits(kept, delta.numel(), seed + j, dtype)), (levels / kept if rescale else None)
+    return partial(_random_keep, kept, seed, dtype), (levels / kept if rescale else None)
+
+
+def _random_keep(kept: int, seed: int, dtype: torch.dtype, j: int, delta: Tensor) -> Tensor:
+    return _keep_bits(kept, delta.numel(), seed + j, dtype)
 
 
 def _della_keep(delta: Tensor, density: float, epsilon: float, work: torch.dtype,
@@ -792,8 +797,49 @@ def _task_arithmetic_chunks(tensors, base, model_params, params, ctx, sparsifica
             row.mul_(factor)
         torch.add(start, _combine(deltas, weights, consensus, params), out=out[c])
 
-    _each_chunk(merge_chunk, len(chunks))
+    compiled = _compiled_chunk_merger(flat, base, others, stored, chunks, weights, plans, params, sparsification,
+                                      consensus, out)
+    _each_chunk(compiled or merge_chunk, len(chunks))
     return out.view(origin.shape)
+
+
+def _compiled_chunk_merger(flat, base, others, stored, chunks, weights, plans, params, sparsification, consensus,
+                           out):
+    """``merge_chunk`` as one call of the compiled kernel (same bytes), when it covers the case: bf16 or
+    float32 on CPU, sum or no consensus, bit masks or random draws (not DELLA's float masks)."""
+    origin = flat[base]
+    if (consensus not in (None, "sum") or sparsification == "della_magprune"
+            or not native.supports(origin.dtype, origin.device, len(others))
+            or any(torch.is_tensor(scale) and scale.dtype != origin.dtype for _, scale in plans)):
+        return None
+    drawn = [isinstance(keep, partial) and keep.func is _random_keep for keep, _ in plans]
+    weight_values = [w[0] for w in weights.tolist()]
+    factors = [w * scale if isinstance(scale, float) else w for w, (_, scale) in zip(weight_values, plans)]
+    scales = [float(scale) if torch.is_tensor(scale) else None for _, scale in plans]
+    divisor = weights.sum(dim=0)
+    divisor[divisor.abs() < 1e-8] = 1
+    clamp_tiny = bool(weights.min() >= torch.finfo(weights.dtype).tiny)
+    half_levels = 2**(8 * origin.element_size() - 2)
+    masked_deltas = stored is None and any(keep is not None and not random for (keep, _), random in zip(plans, drawn))
+
+    def merge_chunk(j):
+        c = chunks[j]
+        start = flat[base][c]
+        if stored is not None:
+            inputs = list(stored[:, c])
+        elif masked_deltas:  # the magnitude masks need the deltas anyway
+            inputs = list(_chunk_deltas(flat, start, others, c))
+        else:
+            inputs = [flat[i][c] for i in others]
+        masks = [keep(j, delta) if keep is not None and not random else None
+                 for (keep, _), delta, random in zip(plans, inputs, drawn)]
+        draws = [(keep.args[1] + j, keep.args[0] - half_levels) if random else None
+                 for (keep, _), random in zip(plans, drawn)]
+        native.task_arithmetic_chunk(start, inputs, stored is not None or masked_deltas, masks, draws, scales,
+                                     factors, weight_values, elect=consensus == "sum", normalize=params["normalize"],
+                                     clamp_tiny=clamp_tiny, divisor=float(divisor), lam=params["lambda"], out=out[c])
+
+    return merge_chunk
 
 
 def _apply_mask(row: Tensor, mask: Tensor, source: Tensor | None = None) -> None:

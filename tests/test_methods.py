@@ -8,7 +8,7 @@ from mergekit.merge_methods.generalized_task_arithmetic import ConsensusMethod, 
 from mergekit.merge_methods.registry import registered_methods
 from mergekit.sparsify import SparsificationMethod, sparsify
 
-from merge_core import methods
+from merge_core import methods, native
 from merge_core.errors import EvomergeError
 from merge_core.methods import METHODS, TensorContext, check_inputs, get_method
 
@@ -346,3 +346,50 @@ def test_sign_bit_election_equals_mergekit_formula(dtype, rows):
     ours = methods._combine(deltas.clone(), torch.ones(rows, 1, dtype=dtype), "sum", {"normalize": False, "lambda": 1})
     assert torch.equal(ours.view(methods._KEY_DTYPES[ours.element_size()]),
                        expected.view(methods._KEY_DTYPES[ours.element_size()]))
+
+
+COMPILED_CASES = [c for c in CASES if c[0] in ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
+                                               "breadcrumbs_ties")] + [
+    ("ties", 0, [{"weight": 0.0, "density": 0.5}, {"weight": -0.4, "density": 0.7}], {}),  # no clamp: 0 → 1
+    ("task_arithmetic", 0, [{"weight": 0.5}, {"weight": -0.5}], {"normalize": True}),  # weights sum to 0
+    ("dare_ties", 0, [{"weight": 0.6, "density": 0.5}], {"rescale": False}),
+]
+
+
+@pytest.mark.skipif(native.library() is None, reason="no C compiler: the torch code is the only path")
+@pytest.mark.parametrize("cached", [False, True], ids=["merge", "search-cache"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name,base,per_model,params", COMPILED_CASES)
+def test_compiled_kernel_gives_the_torch_bytes(monkeypatch, name, base, per_model, params, dtype, cached):
+    """The compiled chunk kernel rounds and draws as the torch code: identical bytes, -0 and ties included,
+    across chunk and block boundaries (chunks of 1000 entries, blocks of 256)."""
+    monkeypatch.setattr(methods, "_CHUNK", 1000)
+    tensors = models((70, 50), len(per_model) + 1, dtype, seed=3)
+    tensors[1].view(-1)[::9] = tensors[0].view(-1)[::9]  # unchanged entries: ±0 deltas
+    calls = []
+    kernel = native.task_arithmetic_chunk
+    monkeypatch.setattr(native, "task_arithmetic_chunk", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    compiled = run_ours(name, tensors, base, per_model, params, seed=5, cache={} if cached else None,
+                        precompute=cached)
+    assert calls, "the compiled kernel was not used"
+    monkeypatch.setattr(native, "supports", lambda *a: False)
+    plain = run_ours(name, tensors, base, per_model, params, seed=5, cache={} if cached else None, precompute=cached)
+    assert torch.equal(compiled.view(-1).view(torch.uint8), plain.view(-1).view(torch.uint8))
+
+
+def test_compiled_kernel_builds_into_the_cache_once_and_can_be_turned_off(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    native.library.cache_clear()
+    try:
+        if native.library() is None:
+            pytest.skip("no C compiler")
+        built = list((tmp_path / "evomerge").glob("native-*.so"))
+        assert len(built) == 1
+        native.library.cache_clear()
+        assert native.library() is not None and list((tmp_path / "evomerge").glob("native-*.so")) == built
+        monkeypatch.setenv("EVOMERGE_NATIVE", "0")
+        native.library.cache_clear()
+        assert native.library() is None
+        assert not native.supports(torch.bfloat16, torch.device("cpu"), 3)
+    finally:
+        native.library.cache_clear()

@@ -1,0 +1,117 @@
+"""The hot loop of task arithmetic (ties, dare_*, breadcrumbs, task_arithmetic) compiled: one pass over
+memory per chunk instead of a dozen torch ops, each a pass (6-9× faster per chunk on bf16).
+
+``native.c`` is built on first use with the system's C compiler for this CPU and cached
+(``$XDG_CACHE_HOME/evomerge``). It rounds where the torch code in ``methods.py`` rounds and draws DARE's
+masks from the same SFC64 stream, so both give the same bytes; the torch code runs when no compiler is
+found, on GPUs, for float16 and for the rarer variants, or with ``EVOMERGE_NATIVE=0``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("native.c")
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared"]
+MAX_ROWS = 64
+KERNELS = {torch.bfloat16: "task_arithmetic_bf16", torch.float32: "task_arithmetic_f32"}
+
+
+def _cpu_signature() -> bytes:
+    """What ``-march=native`` compiled for: a cache shared by machines with other CPUs must not mix them."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return f"{platform.machine()} {flags}".encode()
+
+
+def _cache_dir() -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "evomerge"
+
+
+def _build(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], check=True, capture_output=True,
+                       timeout=120)
+        os.replace(built, target)  # atomic: processes building at once each install a whole library
+
+
+@cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None (then callers use torch)."""
+    if os.environ.get("EVOMERGE_NATIVE", "1") == "0":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS]).encode() + _cpu_signature())
+    name = f"native-{key.hexdigest()[:16]}.so"
+    for directory in (_cache_dir(), Path(tempfile.gettempdir()) / f"evomerge-{os.getuid()}"):  # else read-only
+        try:
+            if not (directory / name).exists():
+                _build(compiler, directory / name)
+            lib = ctypes.CDLL(str(directory / name))  # a foreign call releases the GIL: chunks run on all threads
+            break
+        except (OSError, subprocess.SubprocessError):
+            continue
+    else:
+        return None
+    pointer, flag = ctypes.c_void_p, ctypes.c_int
+    for name in KERNELS.values():
+        getattr(lib, name).argtypes = [ctypes.c_int64, ctypes.c_int64, pointer, pointer, flag, pointer, pointer,
+                                       pointer, pointer, pointer, pointer, pointer, pointer, flag, flag, flag,
+                                       ctypes.c_float, ctypes.c_float, flag, pointer]
+        getattr(lib, name).restype = ctypes.c_int
+    return lib
+
+
+def supports(dtype: torch.dtype, device: torch.device, rows: int) -> bool:
+    return device.type == "cpu" and dtype in KERNELS and 1 <= rows <= MAX_ROWS and library() is not None
+
+
+def sfc64_state(seed: int) -> list[int]:
+    """numpy's SFC64 state for ``seed`` (its SeedSequence seeding), continued by the kernel."""
+    return [int(v) for v in np.random.SFC64(seed).state["state"]["state"]]
+
+
+def _array(ctype, values):
+    return (ctype * len(values))(*values)
+
+
+def task_arithmetic_chunk(base: Tensor, inputs: list[Tensor], inputs_are_deltas: bool, masks: list[Tensor | None],
+                          draws: list[tuple[int, int] | None], scales: list[float | None], factors: list[float],
+                          weights: list[float], *, elect: bool, normalize: bool, clamp_tiny: bool,
+                          divisor: float, lam: float, out: Tensor) -> None:
+    """``out = base + λ·combine(rows)`` for one chunk, where row i is ``inputs[i]`` (a delta, or a model
+    from which ``base`` is subtracted), ``&`` its bit mask or kept where its random draw ``(seed, cut)``
+    falls below cut, times ``scales[i]`` if given, times ``factors[i]``. ``elect``: TIES sign election;
+    ``normalize`` divides by the kept weights (elect) or by ``divisor``. All flat, contiguous, CPU."""
+    rows = len(inputs)
+    states = [v for draw in draws for v in (sfc64_state(draw[0]) if draw else (0, 0, 0, 0))]
+    status = getattr(library(), KERNELS[base.dtype])(
+        rows, base.numel(), base.data_ptr(), _array(ctypes.c_void_p, [t.data_ptr() for t in inputs]),
+        int(inputs_are_deltas), _array(ctypes.c_void_p, [None if m is None else m.data_ptr() for m in masks]),
+        _array(ctypes.c_uint64, states), _array(ctypes.c_int32, [draw is not None for draw in draws]),
+        _array(ctypes.c_int64, [draw[1] if draw else 0 for draw in draws]),
+        _array(ctypes.c_float, [1.0 if s is None else s for s in scales]),
+        _array(ctypes.c_int32, [s is not None for s in scales]), _array(ctypes.c_float, factors),
+        _array(ctypes.c_float, weights), int(elect), int(normalize), int(clamp_tiny), divisor, lam, int(lam != 1),
+        out.data_ptr())
+    if status:
+        raise ValueError(f"native task arithmetic: {rows} rows (at most {MAX_ROWS})")
