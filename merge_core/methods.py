@@ -235,9 +235,14 @@ def _slerp_flat(a: Tensor, b: Tensor, t: float, out: Tensor) -> Tensor:
         coef_a = (torch.sin((1 - t) * theta) / torch.sin(theta)).item()
         coef_b = (torch.sin(t * theta) / torch.sin(theta)).item()
 
+    compiled = dtype == torch.float32 and native.supports(a.dtype, a.device, 1) and out.device == a.device
+
     def chunk_out(j):
         c = chunks[j]
-        out[c] = torch.add(a[c].to(dtype) * coef_a, b[c].to(dtype) * coef_b)
+        if compiled:
+            native.weighted_pair(a[c], b[c], float(coef_a), float(coef_b), out[c])
+        else:
+            out[c] = torch.add(a[c].to(dtype) * coef_a, b[c].to(dtype) * coef_b)
 
     _each_chunk(chunk_out, len(chunks))
     return out

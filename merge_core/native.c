@@ -122,3 +122,15 @@ static inline uint64_t sfc64_next(uint64_t *s) { /* numpy's SFC64: state a, b, c
 
 DEFINE_TASK_ARITHMETIC(task_arithmetic_bf16, uint16_t, int16_t, bf16_to_float, float_to_bf16, 0x8000u, 0x7FFFu)
 DEFINE_TASK_ARITHMETIC(task_arithmetic_f32, uint32_t, int32_t, bits_float, float_bits, 0x80000000u, 0x7FFFFFFFu)
+
+/* out = a·ca + b·cb in float32 (each product rounded, then the sum), rounded to the storage type. */
+#define DEFINE_WEIGHTED_PAIR(NAME, T, LOAD, ROUND)                                                          \
+    void NAME(int64_t n, const T *a, const T *b, float ca, float cb, T *out) {                               \
+        for (int64_t x = 0; x < n; x++) {                                                                    \
+            float left = LOAD(a[x]) * ca, right = LOAD(b[x]) * cb;                                           \
+            out[x] = (T)ROUND(left + right);                                                                 \
+        }                                                                                                    \
+    }
+
+DEFINE_WEIGHTED_PAIR(weighted_pair_bf16, uint16_t, bf16_to_float, float_to_bf16)
+DEFINE_WEIGHTED_PAIR(weighted_pair_f32, uint32_t, bits_float, float_bits)

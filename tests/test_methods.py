@@ -393,3 +393,15 @@ def test_compiled_kernel_builds_into_the_cache_once_and_can_be_turned_off(monkey
         assert not native.supports(torch.bfloat16, torch.device("cpu"), 3)
     finally:
         native.library.cache_clear()
+
+
+@pytest.mark.skipif(native.library() is None, reason="no C compiler: the torch code is the only path")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("t", [0.3, 0.0])
+def test_compiled_slerp_gives_the_torch_bytes(monkeypatch, dtype, t):
+    monkeypatch.setattr(methods, "_SLERP_CHUNK", 1000)
+    a, b = models((70, 50), 2, dtype, seed=4)
+    compiled = run_ours("slerp", [a, b], 0, [{}], {"t": t})
+    monkeypatch.setattr(native, "supports", lambda *args: False)
+    plain = run_ours("slerp", [a, b], 0, [{}], {"t": t})
+    assert torch.equal(compiled.view(-1).view(torch.uint8), plain.view(-1).view(torch.uint8))
