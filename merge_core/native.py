@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("native.c")
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared"]
+FLAGS = ["-O3", "-ffp-contract=off", "-fPIC", "-shared"]
+CPU_FLAGS = (["-march=native"], [])  # this CPU's vector instructions, unless the compiler cannot target it
 MAX_ROWS = 64
 KERNELS = {torch.bfloat16: "task_arithmetic_bf16", torch.float32: "task_arithmetic_f32"}
 PAIR_KERNELS = {torch.bfloat16: "weighted_pair_bf16", torch.float32: "weighted_pair_f32"}
@@ -45,13 +46,26 @@ def _cache_dir() -> Path:
     return root / "evomerge"
 
 
-def _build(compiler: str, target: Path) -> None:
+def _build(command: list[str], target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], check=True, capture_output=True,
-                       timeout=120)
+        subprocess.run([*command, "-o", str(built), str(SOURCE)], check=True, capture_output=True, timeout=120)
         os.replace(built, target)  # atomic: processes building at once each install a whole library
+
+
+def _load(command: list[str]) -> ctypes.CDLL | None:
+    """The library built by ``command``, from the cache (else a per-user temporary one) or built now."""
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(command).encode() + _cpu_signature())
+    name = f"native-{key.hexdigest()[:16]}.so"
+    for directory in (_cache_dir(), Path(tempfile.gettempdir()) / f"evomerge-{os.getuid()}"):
+        try:
+            if not (directory / name).exists():
+                _build(command, directory / name)
+            return ctypes.CDLL(str(directory / name))  # a foreign call releases the GIL: chunks use all threads
+        except (OSError, subprocess.SubprocessError):
+            continue
+    return None
 
 
 @cache
@@ -60,19 +74,8 @@ def library() -> ctypes.CDLL | None:
     if os.environ.get("EVOMERGE_NATIVE", "1") == "0":
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        return None
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS]).encode() + _cpu_signature())
-    name = f"native-{key.hexdigest()[:16]}.so"
-    for directory in (_cache_dir(), Path(tempfile.gettempdir()) / f"evomerge-{os.getuid()}"):  # else read-only
-        try:
-            if not (directory / name).exists():
-                _build(compiler, directory / name)
-            lib = ctypes.CDLL(str(directory / name))  # a foreign call releases the GIL: chunks run on all threads
-            break
-        except (OSError, subprocess.SubprocessError):
-            continue
-    else:
+    lib = next(filter(None, (_load([compiler, *FLAGS, *cpu]) for cpu in CPU_FLAGS)), None) if compiler else None
+    if lib is None:
         return None
     pointer, flag = ctypes.c_void_p, ctypes.c_int
     for name in KERNELS.values():

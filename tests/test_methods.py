@@ -387,6 +387,9 @@ def test_compiled_kernel_builds_into_the_cache_once_and_can_be_turned_off(monkey
         assert len(built) == 1
         native.library.cache_clear()
         assert native.library() is not None and list((tmp_path / "evomerge").glob("native-*.so")) == built
+        monkeypatch.setattr(native, "CPU_FLAGS", (["-mno-such-cpu-flag"], []))  # a compiler that cannot target it
+        native.library.cache_clear()
+        assert native.library() is not None and len(list((tmp_path / "evomerge").glob("native-*.so"))) == 2
         monkeypatch.setenv("EVOMERGE_NATIVE", "0")
         native.library.cache_clear()
         assert native.library() is None
