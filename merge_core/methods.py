@@ -172,13 +172,21 @@ def linear(tensors, base, model_params, params, ctx):
     out = _flat_output(ctx, tensors[0])
     chunks = _chunks(out.numel())
 
+    divisor = weights.sum() if params["normalize"] else None
+    compiled = (weights.dtype == torch.float32 and native.supports(out.dtype, out.device, 1)
+                and all(t.dtype == out.dtype and t.device == out.device for t in flat))
+
     def merge_chunk(j):
         c = chunks[j]
+        if compiled:
+            native.weighted_sum([t[c] for t in flat], weights.tolist(), out[c], fused=True,
+                                divisor=None if divisor is None else float(divisor))
+            return
         merged = torch.zeros(len(range(out.numel())[c]), dtype=weights.dtype)
         for tensor, weight in zip(flat, weights):
             merged.addcmul_(tensor[c], weight)
-        if params["normalize"]:
-            merged.div_(weights.sum())
+        if divisor is not None:
+            merged.div_(divisor)
         out[c] = merged
 
     with _one_thread():
@@ -240,7 +248,7 @@ def _slerp_flat(a: Tensor, b: Tensor, t: float, out: Tensor) -> Tensor:
     def chunk_out(j):
         c = chunks[j]
         if compiled:
-            native.weighted_pair(a[c], b[c], float(coef_a), float(coef_b), out[c])
+            native.weighted_sum([a[c], b[c]], [float(coef_a), float(coef_b)], out[c], fused=False)
         else:
             out[c] = torch.add(a[c].to(dtype) * coef_a, b[c].to(dtype) * coef_b)
 

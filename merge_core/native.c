@@ -123,14 +123,28 @@ static inline uint64_t sfc64_next(uint64_t *s) { /* numpy's SFC64: state a, b, c
 DEFINE_TASK_ARITHMETIC(task_arithmetic_bf16, uint16_t, int16_t, bf16_to_float, float_to_bf16, 0x8000u, 0x7FFFu)
 DEFINE_TASK_ARITHMETIC(task_arithmetic_f32, uint32_t, int32_t, bits_float, float_bits, 0x80000000u, 0x7FFFFFFFu)
 
-/* out = a·ca + b·cb in float32 (each product rounded, then the sum), rounded to the storage type. */
-#define DEFINE_WEIGHTED_PAIR(NAME, T, LOAD, ROUND)                                                          \
-    void NAME(int64_t n, const T *a, const T *b, float ca, float cb, T *out) {                               \
-        for (int64_t x = 0; x < n; x++) {                                                                    \
-            float left = LOAD(a[x]) * ca, right = LOAD(b[x]) * cb;                                           \
-            out[x] = (T)ROUND(left + right);                                                                 \
+/* out = (Σ inputs[i]·weights[i]) [/ divisor] in float32, rounded once. `fused`: linear's (mergekit's
+ * addcmul: each product added to an accumulator starting at +0 with one rounding, a fused multiply-add);
+ * else slerp's (each product rounded, then added in order). */
+#define DEFINE_WEIGHTED_SUM(NAME, T, LOAD, ROUND)                                                            \
+    int NAME(int64_t rows, int64_t n, const T *const *inputs, const float *weights, int fused, int divide,    \
+             float divisor, T *out) {                                                                        \
+        if (rows < 1) return -1;                                                                             \
+        float total[BLOCK];                                                                                  \
+        for (int64_t start = 0; start < n; start += BLOCK) {                                                 \
+            int64_t m = n - start < BLOCK ? n - start : BLOCK;                                              \
+            for (int64_t i = 0; i < rows; i++) {                                                             \
+                const T *in = inputs[i] + start;                                                             \
+                float w = weights[i];                                                                        \
+                if (fused) for (int64_t x = 0; x < m; x++) total[x] = __builtin_fmaf(LOAD(in[x]), w, i ? total[x] : 0.0f);\
+                else if (i) for (int64_t x = 0; x < m; x++) total[x] += LOAD(in[x]) * w;                     \
+                else for (int64_t x = 0; x < m; x++) total[x] = LOAD(in[x]) * w;                             \
+            }                                                                                                \
+            if (divide) for (int64_t x = 0; x < m; x++) total[x] /= divisor;                                 \
+            for (int64_t x = 0; x < m; x++) out[start + x] = (T)ROUND(total[x]);                             \
         }                                                                                                    \
+        return 0;                                                                                            \
     }
 
-DEFINE_WEIGHTED_PAIR(weighted_pair_bf16, uint16_t, bf16_to_float, float_to_bf16)
-DEFINE_WEIGHTED_PAIR(weighted_pair_f32, uint32_t, bits_float, float_bits)
+DEFINE_WEIGHTED_SUM(weighted_sum_bf16, uint16_t, bf16_to_float, float_to_bf16)
+DEFINE_WEIGHTED_SUM(weighted_sum_f32, uint32_t, bits_float, float_bits)

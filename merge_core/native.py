@@ -1,6 +1,6 @@
 """The hot loop of task arithmetic (ties, dare_*, breadcrumbs, task_arithmetic) compiled: one pass over
-memory per chunk instead of a dozen torch ops, each a pass (6-9× faster per chunk on bf16); and slerp's
-weighted sum of the two models.
+memory per chunk instead of a dozen torch ops, each a pass (6-9× faster per chunk on bf16); and the
+float32 weighted sums of linear and slerp.
 
 ``native.c`` is built on first use with the system's C compiler for this CPU and cached
 (``$XDG_CACHE_HOME/evomerge``). It rounds where the torch code in ``methods.py`` rounds and draws DARE's
@@ -29,7 +29,7 @@ FLAGS = ["-O3", "-ffp-contract=off", "-fPIC", "-shared"]
 CPU_FLAGS = (["-march=native"], [])  # this CPU's vector instructions, unless the compiler cannot target it
 MAX_ROWS = 64
 KERNELS = {torch.bfloat16: "task_arithmetic_bf16", torch.float32: "task_arithmetic_f32"}
-PAIR_KERNELS = {torch.bfloat16: "weighted_pair_bf16", torch.float32: "weighted_pair_f32"}
+SUM_KERNELS = {torch.bfloat16: "weighted_sum_bf16", torch.float32: "weighted_sum_f32"}
 
 
 def _cpu_signature() -> bytes:
@@ -83,9 +83,10 @@ def library() -> ctypes.CDLL | None:
                                        pointer, pointer, pointer, pointer, pointer, pointer, flag, flag, flag,
                                        ctypes.c_float, ctypes.c_float, flag, pointer]
         getattr(lib, name).restype = ctypes.c_int
-    for name in PAIR_KERNELS.values():
-        getattr(lib, name).argtypes = [ctypes.c_int64, pointer, pointer, ctypes.c_float, ctypes.c_float, pointer]
-        getattr(lib, name).restype = None
+    for name in SUM_KERNELS.values():
+        getattr(lib, name).argtypes = [ctypes.c_int64, ctypes.c_int64, pointer, pointer, flag, flag, ctypes.c_float,
+                                       pointer]
+        getattr(lib, name).restype = ctypes.c_int
     return lib
 
 
@@ -125,6 +126,14 @@ def task_arithmetic_chunk(base: Tensor, inputs: list[Tensor], inputs_are_deltas:
         raise ValueError(f"native task arithmetic: {rows} rows (at most {MAX_ROWS})")
 
 
-def weighted_pair(a: Tensor, b: Tensor, coef_a: float, coef_b: float, out: Tensor) -> None:
-    """``out = a·coef_a + b·coef_b`` computed in float32 (slerp's last pass); flat, contiguous, CPU."""
-    getattr(library(), PAIR_KERNELS[a.dtype])(a.numel(), a.data_ptr(), b.data_ptr(), coef_a, coef_b, out.data_ptr())
+def weighted_sum(inputs: list[Tensor], weights: list[float], out: Tensor, *, fused: bool,
+                 divisor: float | None = None) -> None:
+    """``out = Σ inputs[i]·weights[i]`` (``/ divisor``) computed in float32, rounded once: ``fused`` as
+    ``addcmul_`` into zeros (linear), else each product rounded and added in order (slerp). Flat,
+    contiguous, CPU."""
+    status = getattr(library(), SUM_KERNELS[out.dtype])(
+        len(inputs), out.numel(), _array(ctypes.c_void_p, [t.data_ptr() for t in inputs]),
+        _array(ctypes.c_float, weights), int(fused), int(divisor is not None),
+        1.0 if divisor is None else divisor, out.data_ptr())
+    if status:
+        raise ValueError("native weighted sum: no inputs")

@@ -400,11 +400,24 @@ def test_compiled_kernel_builds_into_the_cache_once_and_can_be_turned_off(monkey
 
 @pytest.mark.skipif(native.library() is None, reason="no C compiler: the torch code is the only path")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("t", [0.3, 0.0])
-def test_compiled_slerp_gives_the_torch_bytes(monkeypatch, dtype, t):
+@pytest.mark.parametrize("name,per_model,params", [
+    ("slerp", [{}], {"t": 0.3}),
+    ("slerp", [{}], {"t": 0.0}),
+    ("linear", [{"weight": 0.2}, {"weight": 0.5}, {"weight": 0.3}], {}),
+    ("linear", [{"weight": 0.7}, {"weight": -0.4}, {"weight": 0.0}], {"normalize": False}),
+])
+def test_compiled_weighted_sums_give_the_torch_bytes(monkeypatch, name, per_model, params, dtype):
+    """Linear (mergekit's fused multiply-adds into zeros) and slerp's last pass (rounded products)."""
+    monkeypatch.setattr(methods, "_CHUNK", 1000)
     monkeypatch.setattr(methods, "_SLERP_CHUNK", 1000)
-    a, b = models((70, 50), 2, dtype, seed=4)
-    compiled = run_ours("slerp", [a, b], 0, [{}], {"t": t})
+    tensors = models((70, 50), len(per_model) + (name == "slerp"), dtype, seed=4)
+    tensors[1].view(-1)[::7] = -0.0
+    calls = []
+    kernel = native.weighted_sum
+    monkeypatch.setattr(native, "weighted_sum", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    base = 0 if name == "slerp" else None
+    compiled = run_ours(name, tensors, base, per_model, params)
+    assert calls, "the compiled kernel was not used"
     monkeypatch.setattr(native, "supports", lambda *args: False)
-    plain = run_ours("slerp", [a, b], 0, [{}], {"t": t})
+    plain = run_ours(name, tensors, base, per_model, params)
     assert torch.equal(compiled.view(-1).view(torch.uint8), plain.view(-1).view(torch.uint8))
