@@ -17,6 +17,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import warnings
 from functools import cache
 from pathlib import Path
 
@@ -54,8 +55,9 @@ def _build(command: list[str], target: Path) -> None:
         os.replace(built, target)  # atomic: processes building at once each install a whole library
 
 
-def _load(command: list[str]) -> ctypes.CDLL | None:
-    """The library built by ``command``, from the cache (else a per-user temporary one) or built now."""
+def _load(command: list[str], failures: list[str]) -> ctypes.CDLL | None:
+    """The library built by ``command``, from the cache (else a per-user temporary one) or built now; why
+    not goes to ``failures``."""
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(command).encode() + _cpu_signature())
     name = f"native-{key.hexdigest()[:16]}.so"
     for directory in (_cache_dir(), Path(tempfile.gettempdir()) / f"evomerge-{os.getuid()}"):
@@ -63,19 +65,27 @@ def _load(command: list[str]) -> ctypes.CDLL | None:
             if not (directory / name).exists():
                 _build(command, directory / name)
             return ctypes.CDLL(str(directory / name))  # a foreign call releases the GIL: chunks use all threads
-        except (OSError, subprocess.SubprocessError):
-            continue
+        except subprocess.CalledProcessError as exc:
+            failures.append((exc.stderr or b"").decode(errors="replace").strip().split("\n")[0] or str(exc))
+        except (OSError, subprocess.SubprocessError) as exc:
+            failures.append(str(exc))
     return None
 
 
 @cache
 def library() -> ctypes.CDLL | None:
-    """The compiled kernels, or None (then callers use torch)."""
+    """The compiled kernels, or None (then callers use torch). A compiler that fails is worth a warning:
+    merges still work, several times slower."""
     if os.environ.get("EVOMERGE_NATIVE", "1") == "0":
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    lib = next(filter(None, (_load([compiler, *FLAGS, *cpu]) for cpu in CPU_FLAGS)), None) if compiler else None
+    if compiler is None:
+        return None
+    failures: list[str] = []
+    lib = next(filter(None, (_load([compiler, *FLAGS, *cpu], failures) for cpu in CPU_FLAGS)), None)
     if lib is None:
+        warnings.warn(f"evomerge could not build its merge kernels with {compiler} ({failures[-1]}); merging with "
+                      "the slower torch code (EVOMERGE_NATIVE=0 turns the kernels off)", RuntimeWarning, stacklevel=2)
         return None
     pointer, flag = ctypes.c_void_p, ctypes.c_int
     for name in KERNELS.values():

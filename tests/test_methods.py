@@ -390,6 +390,10 @@ def test_compiled_kernel_builds_into_the_cache_once_and_can_be_turned_off(monkey
         monkeypatch.setattr(native, "CPU_FLAGS", (["-mno-such-cpu-flag"], []))  # a compiler that cannot target it
         native.library.cache_clear()
         assert native.library() is not None and len(list((tmp_path / "evomerge").glob("native-*.so"))) == 2
+        monkeypatch.setenv("CC", "false")  # a compiler that fails: merges go on with torch, with a warning
+        native.library.cache_clear()
+        with pytest.warns(RuntimeWarning, match="could not build its merge kernels with false"):
+            assert native.library() is None
         monkeypatch.setenv("EVOMERGE_NATIVE", "0")
         native.library.cache_clear()
         assert native.library() is None
