@@ -424,18 +424,22 @@ def magnitude_keys(delta: Tensor) -> Tensor:
     return delta.reshape(-1).view(_KEY_DTYPES[size]).bitwise_and(2**(8 * size - 1) - 1)
 
 
-def _top_digit_counts(key_chunk: Callable[[int], Tensor], count: int) -> Tensor:
+def _key_counts(keys: Tensor) -> Tensor:
+    """``_top_digit_counts`` of one chunk's keys."""
+    shift = 8 * keys.element_size() - 16
+    return torch.bincount(keys >> shift if shift else keys, minlength=1 << 15)
+
+
+def _top_digit_counts(chunk_counts: Callable[[int], Tensor], count: int) -> Tensor:
     """Histogram of the top 16 bits of the keys of ``count`` chunks (15 used: the sign bit is 0), counted
-    on all workers. Density-independent."""
+    on all workers from each chunk's ``chunk_counts(j)``. Density-independent."""
     counts = torch.zeros(1 << 15, dtype=torch.int64)
     lock = threading.Lock()
 
     def add(j):
-        keys = key_chunk(j)
-        shift = 8 * keys.element_size() - 16
-        chunk_counts = torch.bincount(keys >> shift if shift else keys, minlength=1 << 15)
+        chunk_counts_j = chunk_counts(j)
         with lock:
-            counts.add_(chunk_counts)
+            counts.add_(chunk_counts_j)
 
     _each_chunk(add, count)
     return counts.to(torch.int32)
@@ -518,17 +522,17 @@ def _top_k_selector(k: int, n: int, find_key: Callable[[int], tuple[int, int, in
         return lambda j, delta: torch.full(delta.shape, -int(k > 0), dtype=key_dtype)
     key, left, equal = find_key(k)
     cut = n if left == equal else _index_after_tie(left, equal, key, key_chunk, chunks)
-    sign = 8 * torch.empty(0, dtype=key_dtype).element_size() - 1
-    with_ties, above = (torch.tensor(value, dtype=key_dtype) for value in (key - 1, key))
+    return partial(_magnitude_keep, key, cut, chunks, *(torch.tensor(v, dtype=key_dtype) for v in (key - 1, key)))
 
-    def keep(j: int, delta: Tensor) -> Tensor:
-        keys = magnitude_keys(delta)
-        ties_end = min(max(cut - chunks[j].start, 0), len(keys))  # ties before it are kept
-        torch.sub(with_ties, keys[:ties_end], out=keys[:ties_end])  # negative where keys >= key
-        torch.sub(above, keys[ties_end:], out=keys[ties_end:])  # negative where keys > key
-        return keys.bitwise_right_shift_(sign)
 
-    return keep
+def _magnitude_keep(key: int, cut: int, chunks: list[slice], with_ties: Tensor, above: Tensor, j: int,
+                    delta: Tensor) -> Tensor:
+    """Chunk j's mask of the magnitude keys above ``key``, or equal to it before flat index ``cut``."""
+    keys = magnitude_keys(delta)
+    ties_end = min(max(cut - chunks[j].start, 0), len(keys))  # ties before it are kept
+    torch.sub(with_ties, keys[:ties_end], out=keys[:ties_end])  # negative where keys >= key
+    torch.sub(above, keys[ties_end:], out=keys[ties_end:])  # negative where keys > key
+    return keys.bitwise_right_shift_(8 * keys.element_size() - 1)
 
 
 def _bernoulli_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -612,7 +616,16 @@ def _sparsify_plan(tensors, base, i, p, params, ctx, kind, chunks, task_vector: 
         def key_chunk(j):
             return magnitude_keys(chunk_delta(chunks[j]))
 
-        select = partial(_top_k_selector, n=n, find_key=_key_finder(ctx, i, key_chunk, chunks, dtype),
+        def chunk_counts(j):
+            c = chunks[j]
+            if not native.supports(dtype, origin.device, 1):
+                return _key_counts(key_chunk(j))
+            if task_vector is None:
+                return native.magnitude_histogram(origin[c], model[c])
+            return native.magnitude_histogram(None, task_vector[c])
+
+        find_key = _key_finder(ctx, i, key_chunk, chunk_counts, chunks, dtype)
+        select = partial(_top_k_selector, n=n, find_key=find_key,
                          key_chunk=key_chunk, chunks=chunks, dtype=dtype)
         if kind == "magnitude":
             keep = select(max(1, int(density * n)))
@@ -654,7 +667,8 @@ def _sparsify_plan(tensors, base, i, p, params, ctx, kind, chunks, task_vector: 
     return (lambda j, delta: stored[j]), (None if before < 1e-7 or after < 1e-7 else before / after)
 
 
-def _key_finder(ctx: TensorContext, i: int, key_chunk: Callable[[int], Tensor], chunks: list[slice],
+def _key_finder(ctx: TensorContext, i: int, key_chunk: Callable[[int], Tensor],
+                chunk_counts: Callable[[int], Tensor], chunks: list[slice],
                 dtype: torch.dtype) -> Callable[[int], tuple[int, int, int]]:
     """How the k-th largest magnitude of model i's task vector is found: from its keys sorted once when
     a search may precompute them, else by radix selection over the chunks (16-bit keys need no pass over
@@ -667,7 +681,7 @@ def _key_finder(ctx: TensorContext, i: int, key_chunk: Callable[[int], Tensor], 
     if ctx.precompute and ctx.cache is not None and bits > 16:
         ordered = _cached(ctx, ("sorted_keys", i), lambda: torch.sort(torch.cat(list(key_chunks()))).values)
         return _sorted_key_finder(ordered)
-    counts = _cached(ctx, ("top_digit_counts", i), lambda: _top_digit_counts(key_chunk, len(chunks)))
+    counts = _cached(ctx, ("top_digit_counts", i), lambda: _top_digit_counts(chunk_counts, len(chunks)))
     return partial(_kth_largest_key, key_chunks=key_chunks, top_counts=counts, bits=bits)
 
 
@@ -826,6 +840,9 @@ def _compiled_chunk_merger(flat, base, others, stored, chunks, weights, plans, p
             or any(torch.is_tensor(scale) and scale.dtype != origin.dtype for _, scale in plans)):
         return None
     drawn = [isinstance(keep, partial) and keep.func is _random_keep for keep, _ in plans]
+    cut = [isinstance(keep, partial) and keep.func is _magnitude_keep for keep, _ in plans]  # thresholds, in C
+    by_mask = [keep is not None and not random and not threshold for (keep, _), random, threshold in
+               zip(plans, drawn, cut)]
     weight_values = [w[0] for w in weights.tolist()]
     factors = [w * scale if isinstance(scale, float) else w for w, (_, scale) in zip(weight_values, plans)]
     scales = [float(scale) if torch.is_tensor(scale) else None for _, scale in plans]
@@ -833,7 +850,7 @@ def _compiled_chunk_merger(flat, base, others, stored, chunks, weights, plans, p
     divisor[divisor.abs() < 1e-8] = 1
     clamp_tiny = bool(weights.min() >= torch.finfo(weights.dtype).tiny)
     half_levels = 2**(8 * origin.element_size() - 2)
-    masked_deltas = stored is None and any(keep is not None and not random for (keep, _), random in zip(plans, drawn))
+    masked_deltas = stored is None and any(by_mask)
 
     def merge_chunk(j):
         c = chunks[j]
@@ -844,13 +861,15 @@ def _compiled_chunk_merger(flat, base, others, stored, chunks, weights, plans, p
             inputs = list(_chunk_deltas(flat, start, others, c))
         else:
             inputs = [flat[i][c] for i in others]
-        masks = [keep(j, delta) if keep is not None and not random else None
-                 for (keep, _), delta, random in zip(plans, inputs, drawn)]
+        masks = [keep(j, delta) if mask else None for (keep, _), delta, mask in zip(plans, inputs, by_mask)]
         draws = [(keep.args[1] + j, keep.args[0] - half_levels) if random else None
                  for (keep, _), random in zip(plans, drawn)]
-        native.task_arithmetic_chunk(start, inputs, stored is not None or masked_deltas, masks, draws, scales,
-                                     factors, weight_values, elect=consensus == "sum", normalize=params["normalize"],
-                                     clamp_tiny=clamp_tiny, divisor=float(divisor), lam=params["lambda"], out=out[c])
+        thresholds = [(keep.args[0], keep.args[1] - c.start) if threshold else None
+                      for (keep, _), threshold in zip(plans, cut)]
+        native.task_arithmetic_chunk(start, inputs, stored is not None or masked_deltas, masks, thresholds, draws,
+                                     scales, factors, weight_values, elect=consensus == "sum",
+                                     normalize=params["normalize"], clamp_tiny=clamp_tiny, divisor=float(divisor),
+                                     lam=params["lambda"], out=out[c])
 
     return merge_chunk
 

@@ -43,13 +43,14 @@ static inline uint64_t sfc64_next(uint64_t *s) { /* numpy's SFC64: state a, b, c
     return out;
 }
 
-/* Row i of `count` entries, before the combination: its delta (given, or model - base), masked (a bit
- * mask: all ones keeps; or a random keep when `states` has a generator for it), times `scales[i]` when
- * `has_scale[i]`, times `factors[i]`; all in the storage type's bits. */
+/* Row i of `n` entries, before the combination: its delta (given, or model - base), masked (a bit mask,
+ * all ones keeps; or its magnitude bits against `thresholds[i]`, ties kept before `ties_ends[i]`; or a
+ * random keep when `drawn[i]`, from the SFC64 state in `states`), times `scales[i]` when `has_scale[i]`,
+ * times `factors[i]`; all in the storage type's bits. */
 #define DEFINE_TASK_ARITHMETIC(NAME, T, I, LOAD, ROUND, SIGN, MAGNITUDE)                                     \
     int NAME(int64_t rows, int64_t n, const T *base, const T *const *inputs, int inputs_are_deltas,           \
-             const I *const *masks, uint64_t *states, const int32_t *drawn, const int64_t *cuts,            \
-             const float *scales,              \
+             const I *const *masks, const int64_t *thresholds, const int64_t *ties_ends, uint64_t *states,    \
+             const int32_t *drawn, const int64_t *cuts, const float *scales,                                 \
              const int32_t *has_scale, const float *factors, const float *weights, int elect, int normalize, \
              int clamp_tiny, float divisor_all, float lambda, int use_lambda, T *out) {                       \
         if (rows < 1 || rows > MAX_ROWS) return -1;                                                          \
@@ -70,6 +71,14 @@ static inline uint64_t sfc64_next(uint64_t *s) { /* numpy's SFC64: state a, b, c
                 if (masks[i]) {                                                                              \
                     const I *mask = masks[i] + start;                                                        \
                     for (int64_t x = 0; x < m; x++) r[x] &= (T)mask[x];                                      \
+                }                                                                                            \
+                if (thresholds[i] >= 0) { /* magnitudes above the key, or equal to it before ties_end */       \
+                    T key = (T)thresholds[i];                                                                \
+                    int64_t ties_end = ties_ends[i] - start;                                                 \
+                    for (int64_t x = 0; x < m; x++) {                                                        \
+                        T magnitude = r[x] & MAGNITUDE;                                                      \
+                        r[x] = (x < ties_end ? magnitude >= key : magnitude > key) ? r[x] : 0;               \
+                    }                                                                                        \
                 }                                                                                            \
                 if (drawn[i]) {                                                                     \
                     uint64_t *state = states + 4 * i;                                                        \
@@ -136,7 +145,8 @@ DEFINE_TASK_ARITHMETIC(task_arithmetic_f32, uint32_t, int32_t, bits_float, float
             for (int64_t i = 0; i < rows; i++) {                                                             \
                 const T *in = inputs[i] + start;                                                             \
                 float w = weights[i];                                                                        \
-                if (fused) for (int64_t x = 0; x < m; x++) total[x] = __builtin_fmaf(LOAD(in[x]), w, i ? total[x] : 0.0f);\
+                if (fused)                                                                                   \
+                    for (int64_t x = 0; x < m; x++) total[x] = __builtin_fmaf(LOAD(in[x]), w, i ? total[x] : 0.0f);\
                 else if (i) for (int64_t x = 0; x < m; x++) total[x] += LOAD(in[x]) * w;                     \
                 else for (int64_t x = 0; x < m; x++) total[x] = LOAD(in[x]) * w;                             \
             }                                                                                                \
@@ -148,3 +158,20 @@ DEFINE_TASK_ARITHMETIC(task_arithmetic_f32, uint32_t, int32_t, bits_float, float
 
 DEFINE_WEIGHTED_SUM(weighted_sum_bf16, uint16_t, bf16_to_float, float_to_bf16)
 DEFINE_WEIGHTED_SUM(weighted_sum_f32, uint32_t, bits_float, float_bits)
+
+/* counts[k] += how many deltas (values - base, rounded; or values when base is NULL) have magnitude bits
+ * whose top 16 are k: the first round of TIES's radix selection of the density threshold. */
+#define DEFINE_MAGNITUDE_HISTOGRAM(NAME, T, LOAD, ROUND, MAGNITUDE, SHIFT)                                   \
+    void NAME(int64_t n, const T *base, const T *values, int64_t *counts) {                                  \
+        T keys[BLOCK];                                                                                       \
+        for (int64_t start = 0; start < n; start += BLOCK) {                                                 \
+            int64_t m = n - start < BLOCK ? n - start : BLOCK;                                              \
+            if (base) for (int64_t x = 0; x < m; x++)                                                        \
+                keys[x] = (T)ROUND(LOAD(values[start + x]) - LOAD(base[start + x])) & MAGNITUDE;             \
+            else for (int64_t x = 0; x < m; x++) keys[x] = values[start + x] & MAGNITUDE;                    \
+            for (int64_t x = 0; x < m; x++) counts[keys[x] >> SHIFT]++;                                      \
+        }                                                                                                    \
+    }
+
+DEFINE_MAGNITUDE_HISTOGRAM(magnitude_histogram_bf16, uint16_t, bf16_to_float, float_to_bf16, 0x7FFFu, 0)
+DEFINE_MAGNITUDE_HISTOGRAM(magnitude_histogram_f32, uint32_t, bits_float, float_bits, 0x7FFFFFFFu, 16)

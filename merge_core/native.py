@@ -1,6 +1,6 @@
 """The hot loop of task arithmetic (ties, dare_*, breadcrumbs, task_arithmetic) compiled: one pass over
-memory per chunk instead of a dozen torch ops, each a pass (6-9× faster per chunk on bf16); and the
-float32 weighted sums of linear and slerp.
+memory per chunk instead of a dozen torch ops, each a pass (6-9× faster per chunk on bf16); the
+magnitude histogram TIES's threshold search starts from; and the float32 weighted sums of linear and slerp.
 
 ``native.c`` is built on first use with the system's C compiler for this CPU and cached
 (``$XDG_CACHE_HOME/evomerge``). It rounds where the torch code in ``methods.py`` rounds and draws DARE's
@@ -31,6 +31,7 @@ CPU_FLAGS = (["-march=native"], [])  # this CPU's vector instructions, unless th
 MAX_ROWS = 64
 KERNELS = {torch.bfloat16: "task_arithmetic_bf16", torch.float32: "task_arithmetic_f32"}
 SUM_KERNELS = {torch.bfloat16: "weighted_sum_bf16", torch.float32: "weighted_sum_f32"}
+HISTOGRAM_KERNELS = {torch.bfloat16: "magnitude_histogram_bf16", torch.float32: "magnitude_histogram_f32"}
 
 
 def _cpu_signature() -> bytes:
@@ -90,13 +91,16 @@ def library() -> ctypes.CDLL | None:
     pointer, flag = ctypes.c_void_p, ctypes.c_int
     for name in KERNELS.values():
         getattr(lib, name).argtypes = [ctypes.c_int64, ctypes.c_int64, pointer, pointer, flag, pointer, pointer,
-                                       pointer, pointer, pointer, pointer, pointer, pointer, flag, flag, flag,
-                                       ctypes.c_float, ctypes.c_float, flag, pointer]
+                                       pointer, pointer, pointer, pointer, pointer, pointer, pointer, pointer, flag,
+                                       flag, flag, ctypes.c_float, ctypes.c_float, flag, pointer]
         getattr(lib, name).restype = ctypes.c_int
     for name in SUM_KERNELS.values():
         getattr(lib, name).argtypes = [ctypes.c_int64, ctypes.c_int64, pointer, pointer, flag, flag, ctypes.c_float,
                                        pointer]
         getattr(lib, name).restype = ctypes.c_int
+    for name in HISTOGRAM_KERNELS.values():
+        getattr(lib, name).argtypes = [ctypes.c_int64, pointer, pointer, pointer]
+        getattr(lib, name).restype = None
     return lib
 
 
@@ -114,18 +118,22 @@ def _array(ctype, values):
 
 
 def task_arithmetic_chunk(base: Tensor, inputs: list[Tensor], inputs_are_deltas: bool, masks: list[Tensor | None],
-                          draws: list[tuple[int, int] | None], scales: list[float | None], factors: list[float],
-                          weights: list[float], *, elect: bool, normalize: bool, clamp_tiny: bool,
-                          divisor: float, lam: float, out: Tensor) -> None:
+                          thresholds: list[tuple[int, int] | None], draws: list[tuple[int, int] | None],
+                          scales: list[float | None], factors: list[float], weights: list[float], *, elect: bool,
+                          normalize: bool, clamp_tiny: bool, divisor: float, lam: float, out: Tensor) -> None:
     """``out = base + λ·combine(rows)`` for one chunk, where row i is ``inputs[i]`` (a delta, or a model
-    from which ``base`` is subtracted), ``&`` its bit mask or kept where its random draw ``(seed, cut)``
-    falls below cut, times ``scales[i]`` if given, times ``factors[i]``. ``elect``: TIES sign election;
-    ``normalize`` divides by the kept weights (elect) or by ``divisor``. All flat, contiguous, CPU."""
+    from which ``base`` is subtracted), ``&`` its bit mask, or kept where its magnitude key is above the
+    threshold ``(key, ties_end)`` (or equal to it before index ties_end), or where its random draw
+    ``(seed, cut)`` falls below cut; times ``scales[i]`` if given, times ``factors[i]``. ``elect``: TIES
+    sign election; ``normalize`` divides by the kept weights (elect) or by ``divisor``. All flat,
+    contiguous, CPU."""
     rows = len(inputs)
     states = [v for draw in draws for v in (sfc64_state(draw[0]) if draw else (0, 0, 0, 0))]
     status = getattr(library(), KERNELS[base.dtype])(
         rows, base.numel(), base.data_ptr(), _array(ctypes.c_void_p, [t.data_ptr() for t in inputs]),
         int(inputs_are_deltas), _array(ctypes.c_void_p, [None if m is None else m.data_ptr() for m in masks]),
+        _array(ctypes.c_int64, [-1 if t is None else t[0] for t in thresholds]),
+        _array(ctypes.c_int64, [0 if t is None else t[1] for t in thresholds]),
         _array(ctypes.c_uint64, states), _array(ctypes.c_int32, [draw is not None for draw in draws]),
         _array(ctypes.c_int64, [draw[1] if draw else 0 for draw in draws]),
         _array(ctypes.c_float, [1.0 if s is None else s for s in scales]),
@@ -147,3 +155,12 @@ def weighted_sum(inputs: list[Tensor], weights: list[float], out: Tensor, *, fus
         1.0 if divisor is None else divisor, out.data_ptr())
     if status:
         raise ValueError("native weighted sum: no inputs")
+
+
+def magnitude_histogram(base: Tensor | None, values: Tensor) -> Tensor:
+    """How many of the deltas ``values - base`` (or ``values``) have each top-16-bit magnitude digit (2^15
+    counts, int64): TIES's threshold search, one pass instead of a subtraction, a mask and a bincount."""
+    counts = torch.zeros(1 << 15, dtype=torch.int64)
+    getattr(library(), HISTOGRAM_KERNELS[values.dtype])(values.numel(), None if base is None else base.data_ptr(),
+                                                        values.data_ptr(), counts.data_ptr())
+    return counts

@@ -425,3 +425,15 @@ def test_compiled_weighted_sums_give_the_torch_bytes(monkeypatch, name, per_mode
     monkeypatch.setattr(native, "supports", lambda *args: False)
     plain = run_ours(name, tensors, base, per_model, params)
     assert torch.equal(compiled.view(-1).view(torch.uint8), plain.view(-1).view(torch.uint8))
+
+
+@pytest.mark.skipif(native.library() is None, reason="no C compiler: the torch code is the only path")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_compiled_magnitude_histogram_counts_as_bincount(dtype):
+    base, model = models((300, 70), 2, dtype, seed=6)
+    model.view(-1)[::5] = base.view(-1)[::5]  # ±0 deltas land in bin 0
+    delta = model - base
+    expected = methods._key_counts(methods.magnitude_keys(delta))
+    assert torch.equal(native.magnitude_histogram(base.view(-1), model.view(-1)), expected)
+    assert torch.equal(native.magnitude_histogram(None, delta.view(-1)), expected)
+    assert int(expected.sum()) == delta.numel() and int(expected[0]) >= delta.numel() // 5
