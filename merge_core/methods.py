@@ -522,14 +522,15 @@ def _top_k_selector(k: int, n: int, find_key: Callable[[int], tuple[int, int, in
         return lambda j, delta: torch.full(delta.shape, -int(k > 0), dtype=key_dtype)
     key, left, equal = find_key(k)
     cut = n if left == equal else _index_after_tie(left, equal, key, key_chunk, chunks)
-    return partial(_magnitude_keep, key, cut, chunks, *(torch.tensor(v, dtype=key_dtype) for v in (key - 1, key)))
+    with_ties, above = (torch.tensor(value, dtype=key_dtype) for value in (key - 1, key))
+    return partial(_magnitude_keep, key=key, ties_cut=cut, chunks=chunks, with_ties=with_ties, above=above)
 
 
-def _magnitude_keep(key: int, cut: int, chunks: list[slice], with_ties: Tensor, above: Tensor, j: int,
-                    delta: Tensor) -> Tensor:
-    """Chunk j's mask of the magnitude keys above ``key``, or equal to it before flat index ``cut``."""
+def _magnitude_keep(j: int, delta: Tensor, *, key: int, ties_cut: int, chunks: list[slice], with_ties: Tensor,
+                    above: Tensor) -> Tensor:
+    """Chunk j's mask of the magnitude keys above ``key``, or equal to it before flat index ``ties_cut``."""
     keys = magnitude_keys(delta)
-    ties_end = min(max(cut - chunks[j].start, 0), len(keys))  # ties before it are kept
+    ties_end = min(max(ties_cut - chunks[j].start, 0), len(keys))  # ties before it are kept
     torch.sub(with_ties, keys[:ties_end], out=keys[:ties_end])  # negative where keys >= key
     torch.sub(above, keys[ties_end:], out=keys[ties_end:])  # negative where keys > key
     return keys.bitwise_right_shift_(8 * keys.element_size() - 1)
@@ -545,15 +546,15 @@ def _draw(probabilities: Tensor, shape, generator: torch.Generator | None, dtype
     return (probabilities - torch.rand(shape, generator=generator)).sign_().clamp_(min=0).to(dtype)
 
 
-def _keep_bits(kept: int, n: int, seed: int, dtype: torch.dtype) -> Tensor:
+def _keep_bits(cut: int, n: int, seed: int, dtype: torch.dtype) -> Tensor:
     """n random masks for entries of ``dtype``, in the integer type of its size: all ones (keep) with
-    probability kept / 2^(bits-1), else zero. Random words are cut out of 64-bit draws and compared by
-    integer arithmetic (shift, subtract, shift the sign down), several times cheaper than a float32
-    uniform per entry, a comparison and a conversion, as mergekit draws. The words come from numpy's
-    SFC64, which draws them twice as fast as torch's Mersenne Twister, without holding the GIL."""
+    probability (cut + 2^(bits-2)) / 2^(bits-1), else zero (``_random_plan`` makes the cut). Random words
+    are cut out of 64-bit draws and compared by integer arithmetic (shift, subtract, shift the sign down),
+    several times cheaper than a float32 uniform per entry, a comparison and a conversion, as mergekit
+    draws. The words come from numpy's SFC64, which draws them twice as fast as torch's Mersenne Twister,
+    without holding the GIL."""
     size = torch.empty(0, dtype=dtype).element_size()
     words = torch.from_numpy(np.random.SFC64(seed).random_raw((n * size + 7) // 8).view(np.int64))
-    cut = kept - 2**(8 * size - 2)  # keep when (word >> 1) < cut; no step can overflow
     return words.view(_KEY_DTYPES[size])[:n].bitwise_right_shift_(1).sub_(cut).bitwise_right_shift_(8 * size - 1)
 
 
@@ -567,11 +568,12 @@ def _random_plan(density: float, rescale: bool, generator: torch.Generator | Non
     levels = 2**(8 * torch.empty(0, dtype=dtype).element_size() - 1)
     kept = min(max(round(density * levels), 1), levels - 1)
     seed = int(torch.randint(2**62, (), generator=generator))
-    return partial(_random_keep, kept, seed, dtype), (levels / kept if rescale else None)
+    cut = kept - levels // 2  # keep when (word >> 1) < cut; no step can overflow
+    return partial(_random_keep, cut=cut, seed=seed, dtype=dtype), (levels / kept if rescale else None)
 
 
-def _random_keep(kept: int, seed: int, dtype: torch.dtype, j: int, delta: Tensor) -> Tensor:
-    return _keep_bits(kept, delta.numel(), seed + j, dtype)
+def _random_keep(j: int, delta: Tensor, *, cut: int, seed: int, dtype: torch.dtype) -> Tensor:
+    return _keep_bits(cut, delta.numel(), seed + j, dtype)
 
 
 def _della_keep(delta: Tensor, density: float, epsilon: float, work: torch.dtype,
@@ -616,9 +618,11 @@ def _sparsify_plan(tensors, base, i, p, params, ctx, kind, chunks, task_vector: 
         def key_chunk(j):
             return magnitude_keys(chunk_delta(chunks[j]))
 
+        compiled_counts = native.supports(dtype, origin.device, 1)
+
         def chunk_counts(j):
             c = chunks[j]
-            if not native.supports(dtype, origin.device, 1):
+            if not compiled_counts:
                 return _key_counts(key_chunk(j))
             if task_vector is None:
                 return native.magnitude_histogram(origin[c], model[c])
@@ -740,22 +744,32 @@ def _elect_by_sign_bits(deltas: Tensor, weights: Tensor | None) -> Tensor | None
     return nonzero.bitwise_and_(weights.view(ints)).view(deltas.dtype)
 
 
+def _weight_sum(weights: Tensor) -> Tensor:
+    """Task arithmetic's ``normalize`` divisor without consensus: the weights' sum, 1 where it is ~0."""
+    divisor = weights.sum(dim=0)
+    divisor[divisor.abs() < 1e-8] = 1
+    return divisor
+
+
+def _all_positive(weights: Tensor) -> bool:
+    """Whether TIES may clamp its kept-weight divisor to the smallest normal (else zeros become 1)."""
+    return bool(weights.min() >= torch.finfo(weights.dtype).tiny)
+
+
 def _combine(deltas: Tensor, weights: Tensor, consensus: str | None, params) -> Tensor:
     """Merge weighted task-vector rows (consumes ``deltas``): TIES sign election (``sum`` weighs by
     magnitude, ``count`` by votes) keeps only agreeing entries; ``normalize`` divides by the weights that
     were kept (an entry is kept when it agrees and is not zero, as mergekit's ``sign == majority``)."""
     if consensus is None:
         mixed = _row_sum(deltas)
-        divisor = weights.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
+        divisor = _weight_sum(weights)
     elif consensus == "sum":
         kept_weights = _elect_by_sign_bits(deltas, weights if params["normalize"] else None)
         mixed = _row_sum(deltas)
         if params["normalize"]:
             divisor = _row_sum(kept_weights)
-            tiny = torch.finfo(divisor.dtype).tiny
-            if weights.min() >= tiny:  # a zero divisor has a zero sum: any positive divisor gives mergekit's 0/1
-                divisor.clamp_(min=tiny)
+            if _all_positive(weights):  # a zero divisor has a zero sum: any positive divisor gives mergekit's 0/1
+                divisor.clamp_(min=torch.finfo(divisor.dtype).tiny)
             else:
                 divisor[divisor == 0] = 1
     else:
@@ -840,16 +854,15 @@ def _compiled_chunk_merger(flat, base, others, stored, chunks, weights, plans, p
             or any(torch.is_tensor(scale) and scale.dtype != origin.dtype for _, scale in plans)):
         return None
     drawn = [isinstance(keep, partial) and keep.func is _random_keep for keep, _ in plans]
-    cut = [isinstance(keep, partial) and keep.func is _magnitude_keep for keep, _ in plans]  # thresholds, in C
-    by_mask = [keep is not None and not random and not threshold for (keep, _), random, threshold in
-               zip(plans, drawn, cut)]
+    thresholded = [isinstance(keep, partial) and keep.func is _magnitude_keep for keep, _ in plans]
+    by_mask = [keep is not None and not random and not threshold
+               for (keep, _), random, threshold in zip(plans, drawn, thresholded)]
     weight_values = [w[0] for w in weights.tolist()]
-    factors = [w * scale if isinstance(scale, float) else w for w, (_, scale) in zip(weight_values, plans)]
-    scales = [float(scale) if torch.is_tensor(scale) else None for _, scale in plans]
-    divisor = weights.sum(dim=0)
-    divisor[divisor.abs() < 1e-8] = 1
-    clamp_tiny = bool(weights.min() >= torch.finfo(weights.dtype).tiny)
-    half_levels = 2**(8 * origin.element_size() - 2)
+    kernel = native.task_arithmetic(
+        origin.dtype, scales=[float(scale) if torch.is_tensor(scale) else None for _, scale in plans],
+        factors=[w * scale if isinstance(scale, float) else w for w, (_, scale) in zip(weight_values, plans)],
+        weights=weight_values, elect=consensus == "sum", normalize=params["normalize"],
+        clamp_tiny=_all_positive(weights), divisor=float(_weight_sum(weights)), lam=params["lambda"])
     masked_deltas = stored is None and any(by_mask)
 
     def merge_chunk(j):
@@ -862,14 +875,11 @@ def _compiled_chunk_merger(flat, base, others, stored, chunks, weights, plans, p
         else:
             inputs = [flat[i][c] for i in others]
         masks = [keep(j, delta) if mask else None for (keep, _), delta, mask in zip(plans, inputs, by_mask)]
-        draws = [(keep.args[1] + j, keep.args[0] - half_levels) if random else None
+        draws = [(keep.keywords["seed"] + j, keep.keywords["cut"]) if random else None
                  for (keep, _), random in zip(plans, drawn)]
-        thresholds = [(keep.args[0], keep.args[1] - c.start) if threshold else None
-                      for (keep, _), threshold in zip(plans, cut)]
-        native.task_arithmetic_chunk(start, inputs, stored is not None or masked_deltas, masks, thresholds, draws,
-                                     scales, factors, weight_values, elect=consensus == "sum",
-                                     normalize=params["normalize"], clamp_tiny=clamp_tiny, divisor=float(divisor),
-                                     lam=params["lambda"], out=out[c])
+        thresholds = [(keep.keywords["key"], keep.keywords["ties_cut"] - c.start) if threshold else None
+                      for (keep, _), threshold in zip(plans, thresholded)]
+        kernel(start, inputs, stored is not None or masked_deltas, masks, thresholds, draws, out[c])
 
     return merge_chunk
 

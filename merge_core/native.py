@@ -117,31 +117,34 @@ def _array(ctype, values):
     return (ctype * len(values))(*values)
 
 
-def task_arithmetic_chunk(base: Tensor, inputs: list[Tensor], inputs_are_deltas: bool, masks: list[Tensor | None],
-                          thresholds: list[tuple[int, int] | None], draws: list[tuple[int, int] | None],
-                          scales: list[float | None], factors: list[float], weights: list[float], *, elect: bool,
-                          normalize: bool, clamp_tiny: bool, divisor: float, lam: float, out: Tensor) -> None:
-    """``out = base + λ·combine(rows)`` for one chunk, where row i is ``inputs[i]`` (a delta, or a model
-    from which ``base`` is subtracted), ``&`` its bit mask, or kept where its magnitude key is above the
-    threshold ``(key, ties_end)`` (or equal to it before index ties_end), or where its random draw
-    ``(seed, cut)`` falls below cut; times ``scales[i]`` if given, times ``factors[i]``. ``elect``: TIES
-    sign election; ``normalize`` divides by the kept weights (elect) or by ``divisor``. All flat,
-    contiguous, CPU."""
-    rows = len(inputs)
-    states = [v for draw in draws for v in (sfc64_state(draw[0]) if draw else (0, 0, 0, 0))]
-    status = getattr(library(), KERNELS[base.dtype])(
-        rows, base.numel(), base.data_ptr(), _array(ctypes.c_void_p, [t.data_ptr() for t in inputs]),
-        int(inputs_are_deltas), _array(ctypes.c_void_p, [None if m is None else m.data_ptr() for m in masks]),
-        _array(ctypes.c_int64, [-1 if t is None else t[0] for t in thresholds]),
-        _array(ctypes.c_int64, [0 if t is None else t[1] for t in thresholds]),
-        _array(ctypes.c_uint64, states), _array(ctypes.c_int32, [draw is not None for draw in draws]),
-        _array(ctypes.c_int64, [draw[1] if draw else 0 for draw in draws]),
-        _array(ctypes.c_float, [1.0 if s is None else s for s in scales]),
-        _array(ctypes.c_int32, [s is not None for s in scales]), _array(ctypes.c_float, factors),
-        _array(ctypes.c_float, weights), int(elect), int(normalize), int(clamp_tiny), divisor, lam, int(lam != 1),
-        out.data_ptr())
-    if status:
-        raise ValueError(f"native task arithmetic: {rows} rows (at most {MAX_ROWS})")
+def task_arithmetic(dtype: torch.dtype, *, scales: list[float | None], factors: list[float], weights: list[float],
+                    elect: bool, normalize: bool, clamp_tiny: bool, divisor: float, lam: float):
+    """The chunk kernel for one tensor's merge, its per-model arguments converted once:
+    ``run(base, inputs, inputs_are_deltas, masks, thresholds, draws, out)`` computes
+    ``out = base + λ·combine(rows)`` for one chunk. Row i is ``inputs[i]`` (a delta, or a model from which
+    ``base`` is subtracted), ``&`` its bit mask, or kept where its magnitude key is above the threshold
+    ``(key, ties_end)`` (or equal to it before index ties_end), or where its random draw ``(seed, cut)``
+    falls below cut; times ``scales[i]`` if given, times ``factors[i]``. ``elect``: TIES sign election;
+    ``normalize`` divides by the kept weights (elect) or by ``divisor``. All flat, contiguous, CPU."""
+    rows = len(factors)
+    if not 1 <= rows <= MAX_ROWS:
+        raise ValueError(f"native task arithmetic: {rows} rows (1 to {MAX_ROWS})")
+    fixed = (_array(ctypes.c_float, [1.0 if s is None else s for s in scales]),
+             _array(ctypes.c_int32, [s is not None for s in scales]), _array(ctypes.c_float, factors),
+             _array(ctypes.c_float, weights), int(elect), int(normalize), int(clamp_tiny), divisor, lam, int(lam != 1))
+    kernel = getattr(library(), KERNELS[dtype])
+
+    def run(base: Tensor, inputs: list[Tensor], inputs_are_deltas: bool, masks: list[Tensor | None],
+            thresholds: list[tuple[int, int] | None], draws: list[tuple[int, int] | None], out: Tensor) -> None:
+        states = [v for draw in draws for v in (sfc64_state(draw[0]) if draw else (0, 0, 0, 0))]
+        kernel(rows, base.numel(), base.data_ptr(), _array(ctypes.c_void_p, [t.data_ptr() for t in inputs]),
+               int(inputs_are_deltas), _array(ctypes.c_void_p, [None if m is None else m.data_ptr() for m in masks]),
+               _array(ctypes.c_int64, [-1 if t is None else t[0] for t in thresholds]),
+               _array(ctypes.c_int64, [0 if t is None else t[1] for t in thresholds]),
+               _array(ctypes.c_uint64, states), _array(ctypes.c_int32, [draw is not None for draw in draws]),
+               _array(ctypes.c_int64, [draw[1] if draw else 0 for draw in draws]), *fixed, out.data_ptr())
+
+    return run
 
 
 def weighted_sum(inputs: list[Tensor], weights: list[float], out: Tensor, *, fused: bool,

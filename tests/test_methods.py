@@ -367,8 +367,8 @@ def test_compiled_kernel_gives_the_torch_bytes(monkeypatch, name, base, per_mode
     tensors = models((70, 50), len(per_model) + 1, dtype, seed=3)
     tensors[1].view(-1)[::9] = tensors[0].view(-1)[::9]  # unchanged entries: ±0 deltas
     calls = []
-    kernel = native.task_arithmetic_chunk
-    monkeypatch.setattr(native, "task_arithmetic_chunk", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    kernel = native.task_arithmetic
+    monkeypatch.setattr(native, "task_arithmetic", lambda *a, **k: calls.append(1) or kernel(*a, **k))
     compiled = run_ours(name, tensors, base, per_model, params, seed=5, cache={} if cached else None,
                         precompute=cached)
     assert calls, "the compiled kernel was not used"
