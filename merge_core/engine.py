@@ -21,7 +21,7 @@ from merge_core import chat_templates
 from merge_core.checkpoint import CheckpointReader, ShardedWriter, atomic_output_dir, parse_size
 from merge_core.errors import EvomergeError
 from merge_core.memory import reuse_freed_memory
-from merge_core.methods import TensorContext
+from merge_core.methods import TIE_BREAKS, TensorContext
 from merge_core.plan import MergePlan, Source, TensorJob, plan_merge
 from merge_core.recipe import Recipe
 from merge_core.vocab import Vocabulary, build_vocabulary
@@ -118,12 +118,14 @@ def _tensor_cache(cache: dict, job: TensorJob, itemsize: int, budget: int | None
 
 def compute_tensor(job: TensorJob, plan: MergePlan, sources: dict[str, Source], *, dtype: torch.dtype | None,
                    device: str, seed: int | None, cache: dict | None = None,
-                   precompute_bytes: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                   precompute_bytes: int | None = None, out: torch.Tensor | None = None,
+                   tie_break: str = "index") -> torch.Tensor:
     """The merged value of one output tensor, in the compute dtype, checked to be finite.
 
     ``cache`` (one dict across calls) keeps the methods' input-only work per tensor, for searches; whole-
     tensor precomputations in it are bounded by ``precompute_bytes`` (None: unbounded). ``out``: where the
     method may write the result (the live model's parameter), unless it shares memory with an input.
+    ``tie_break``: see ``TensorContext``.
     """
     tensors = [sources[m].get(n, dtype=dtype, device=device) for m, n in zip(job.models, job.tensor_names)]
     if job.permute_vocabulary:
@@ -134,7 +136,7 @@ def compute_tensor(job: TensorJob, plan: MergePlan, sources: dict[str, Source], 
     if out is not None and any(t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr() for t in tensors):
         out = None
     ctx = TensorContext(name=job.name, generator=_generator(seed, job.name, device), is_embedding=job.is_embedding,
-                        cache=tensor_cache, precompute=precompute, out=out)
+                        cache=tensor_cache, precompute=precompute, out=out, tie_break=tie_break)
     result = plan.method.fn(tensors, job.base, job.model_params, job.params, ctx)
     if not _all_finite(result):
         raise EvomergeError(f"tensor {job.name}: the merge produced NaN or Inf")
@@ -144,12 +146,13 @@ def compute_tensor(job: TensorJob, plan: MergePlan, sources: dict[str, Source], 
 def run_plan(plan: MergePlan, sources: dict[str, Source], sink: Callable[[TensorJob, torch.Tensor], None], *,
              dtype: torch.dtype | None, device: str = "cpu", seed: int | None = None,
              progress: bool = False, cache: dict | None = None, precompute_bytes: int | None = None,
-             destination: Callable[[TensorJob], torch.Tensor | None] = lambda job: None) -> None:
+             destination: Callable[[TensorJob], torch.Tensor | None] = lambda job: None,
+             tie_break: str = "index") -> None:
     """Compute every job and hand it to ``sink``; ``destination(job)``, if it gives a tensor, is where the
     method may write the result directly (see ``compute_tensor``)."""
     def compute(job):
         return compute_tensor(job, plan, sources, dtype=dtype, device=device, seed=seed, cache=cache,
-                              precompute_bytes=precompute_bytes, out=destination(job))
+                              precompute_bytes=precompute_bytes, out=destination(job), tie_break=tie_break)
 
     if not progress:
         for job in plan.jobs:
@@ -251,8 +254,9 @@ def model_card(recipe: Recipe, seed: int | None) -> str:
 def merge(recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", dtype: str | None = None,
           out_shard_size: str | int = "5GB", seed: int | None = None, copy_tokenizer: bool = True,
           force: bool = False, allow_pickle: bool = False, progress: bool = False,
-          recipe_dir: str | Path | None = None) -> Path:
-    """Merge ``recipe`` into a Hugging Face checkpoint at ``out_dir``, atomically."""
+          recipe_dir: str | Path | None = None, tie_break: str = "index") -> Path:
+    """Merge ``recipe`` into a Hugging Face checkpoint at ``out_dir``, atomically. ``tie_break``: which
+    magnitudes tied at a sparsification threshold are kept (see ``TensorContext``)."""
     from merge_core.moe import MoERecipe, merge_moe  # imported here: moe builds on this module
 
     if isinstance(recipe, MoERecipe):
@@ -260,6 +264,8 @@ def merge(recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", dtype: st
                          copy_tokenizer=copy_tokenizer, force=force, allow_pickle=allow_pickle,
                          recipe_dir=Path(recipe_dir) if recipe_dir else None)
     _check_device(device)
+    if tie_break not in TIE_BREAKS:
+        raise EvomergeError(f"tie_break: use one of {', '.join(TIE_BREAKS)}, got {tie_break!r}")
     reuse_freed_memory()
     compute_dtype, out_dtype = _dtypes(recipe, dtype)
     max_shard = parse_size(out_shard_size)
@@ -280,7 +286,7 @@ def merge(recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", dtype: st
         with BackgroundWrites(writer) as to_disk:
             run_plan(plan, sources, lambda job, tensor: to_disk(job.name, tensor.to(device="cpu",
                                                                                    dtype=layout[job.name][1])),
-                     dtype=compute_dtype, device=device, seed=seed, progress=progress,
+                     dtype=compute_dtype, device=device, seed=seed, progress=progress, tie_break=tie_break,
                      destination=(lambda job: writer.destination(job.name)) if device == "cpu" else lambda job: None)
         writer.close()
         (tmp / "config.json").write_text(json.dumps(output_config(plan, out_dtype), indent=2))

@@ -62,6 +62,12 @@ class TensorContext:
 
     ``out``: where the streaming methods may write the result (a live model's parameter, sharing no
     memory with the inputs), which saves allocating a fresh tensor and copying it there.
+
+    ``tie_break``: which task-vector entries whose magnitude equals a TIES or breadcrumbs threshold are
+    kept. ``"index"``: the lowest flat indices, a rule any device computes alike. ``"mergekit"``: the ones
+    mergekit 0.1.5 keeps on CPU, the first in its (unstable) CPU sort of the float32 magnitudes; the same
+    sort is run on CPU whatever the device, so its bytes are mergekit's CPU bytes, at the cost of a full
+    sort and an index per entry.
     """
 
     name: str
@@ -70,6 +76,10 @@ class TensorContext:
     cache: dict | None = None
     precompute: bool = False
     out: Tensor | None = None
+    tie_break: str = "index"
+
+
+TIE_BREAKS = ("index", "mergekit")
 
 
 def _flat_output(ctx: TensorContext, like: Tensor) -> Tensor:
@@ -631,7 +641,9 @@ def _sparsify_plan(tensors, base, i, p, params, ctx, kind, chunks, task_vector: 
         find_key = _key_finder(ctx, i, key_chunk, chunk_counts, chunks, dtype)
         select = partial(_top_k_selector, n=n, find_key=find_key,
                          key_chunk=key_chunk, chunks=chunks, dtype=dtype)
-        if kind == "magnitude":
+        if ctx.tie_break == "mergekit":
+            keep = _sorted_order_keep(torch.cat(list(deltas())), kind, density, p.get("gamma", 0.0), chunks)
+        elif kind == "magnitude":
             keep = select(max(1, int(density * n)))
         else:
             kept = int(density * n)
@@ -669,6 +681,27 @@ def _sparsify_plan(tensors, base, i, p, params, ctx, kind, chunks, task_vector: 
         stored.append(mask)
     before, after = torch.tensor(before, dtype=work), torch.tensor(after, dtype=work)
     return (lambda j, delta: stored[j]), (None if before < 1e-7 or after < 1e-7 else before / after)
+
+
+def _sorted_order_keep(delta: Tensor, kind: str, density: float, gamma: float,
+                      chunks: list[slice]) -> Callable[[int, Tensor], Tensor]:
+    """``keep(j, delta)`` for ``tie_break="mergekit"``: the masks of the entries mergekit 0.1.5 keeps on
+    CPU, which are positions in the CPU sort of the float32 magnitudes: the first k of the descending sort
+    (magnitude), or the ``target`` entries after the ``dropped`` smallest of the ascending one
+    (magnitude_outliers). Ties fall where that sort puts them, so the sort must be the same call."""
+    n = delta.numel()
+    magnitudes = delta.detach().reshape(-1).abs().to("cpu", torch.float32)
+    if kind == "magnitude":
+        kept = torch.argsort(magnitudes, descending=True)[:max(1, int(density * n))]
+    else:
+        target = int(density * n)
+        dropped = max(0, n - target - int(gamma * n))
+        kept = torch.sort(magnitudes, descending=False).indices[dropped:dropped + target]
+    key_dtype = _KEY_DTYPES[delta.element_size()]
+    mask = torch.zeros(n, dtype=key_dtype)
+    mask[kept] = -1
+    mask = mask.to(delta.device)
+    return lambda j, _delta: mask[chunks[j]]
 
 
 def _key_finder(ctx: TensorContext, i: int, key_chunk: Callable[[int], Tensor],

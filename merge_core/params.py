@@ -13,19 +13,32 @@ from merge_core.errors import EvomergeError
 from merge_core.methods import REQUIRED
 
 
+# Strings pydantic's lax mode (hence mergekit) reads as booleans.
+_TRUE, _FALSE = ("true", "t", "yes", "y", "on", "1"), ("false", "f", "no", "n", "off", "0")
+
+
+def _as_bool(value: Any) -> bool | None:
+    """``value`` as mergekit reads a boolean parameter (1, 1.0, "yes"… are true), or None if it cannot."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    return None
+
+
 def coerce(name: str, value: Any, default: Any, *, where: str | None = None) -> Any:
-    """Validate one scalar against the kind of the parameter's default (bool, int, float, str)."""
+    """Validate one scalar against the kind of the parameter's default (bool, int, float, str), reading
+    what mergekit reads: 1.0 or "yes" as true, true as 1 (``lenient_reading`` says when it did)."""
     where = where or name
     if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        raise EvomergeError(f"{where}: expected true or false, got {value!r}")
+        reading = _as_bool(value)
+        if reading is None:
+            raise EvomergeError(f"{where}: expected true or false, got {value!r}")
+        return reading
     if isinstance(default, str):
         return str(value)
-    if isinstance(value, bool):
-        raise EvomergeError(f"{where}: expected a number, got {value!r}")
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -37,6 +50,17 @@ def coerce(name: str, value: Any, default: Any, *, where: str | None = None) -> 
     if isinstance(default, int) and not isinstance(default, bool) and default is not REQUIRED:
         return int(number) if number == int(number) else number
     return number
+
+
+def lenient_reading(value: Any, default: Any) -> Any:
+    """What ``coerce`` reads ``value`` as when that is not what it says (``normalize: 1.0`` is true, a
+    ``weight: true`` is 1.0), else None: a recipe worth a warning, though mergekit reads it silently."""
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) or (isinstance(value, str) and value.lower() in ("true", "false")) \
+            else _as_bool(value)
+    if isinstance(value, bool) and not isinstance(default, str):
+        return float(value)
+    return None
 
 
 def evaluate(setting: Any, tensor_name: str, t: float, name: str, default: Any) -> Any:

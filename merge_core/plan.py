@@ -67,18 +67,19 @@ class MergePlan:
 
 def _param_scopes(src: InputSlice | None, out_slice: OutputSlice, recipe: Recipe) -> list[dict | None]:
     own = [src.parameters] if src is not None else []
-    return [*own, out_slice.parameters, recipe.parameters]
+    return [*own, out_slice.parameters, recipe.input_form()[2], recipe.parameters]
 
 
 def _normalized_slices(recipe: Recipe, sources: dict[str, Source]) -> list[OutputSlice]:
     """The ``models:`` form is one slice over every layer of every model, the base appended if unlisted."""
-    if recipe.slices:
-        return recipe.slices
+    models, slices, _ = recipe.input_form()
+    if slices:
+        return slices
     srcs = []
-    for m in recipe.models:
+    for m in models:
         n = count_layers(sources[m.model].names, sources[m.model].config, m.model)
         srcs.append(InputSlice(model=m.model, layer_range=(0, n), parameters=m.parameters))
-    if recipe.base_model and recipe.base_model not in [m.model for m in recipe.models]:
+    if recipe.base_model and recipe.base_model not in [m.model for m in models]:
         n = count_layers(sources[recipe.base_model].names, sources[recipe.base_model].config, recipe.base_model)
         srcs.append(InputSlice(model=recipe.base_model, layer_range=(0, n)))
     lengths = {s.layer_range[1] for s in srcs}
@@ -86,6 +87,17 @@ def _normalized_slices(recipe: Recipe, sources: dict[str, Source]) -> list[Outpu
         counts = ", ".join(f"{s.model}: {s.layer_range[1]}" for s in srcs)
         raise EvomergeError(f"models have different numbers of layers ({counts})")
     return [OutputSlice(sources=srcs)]
+
+
+def check_interpolation_base(method: MergeMethod, recipe: Recipe, out_slice: OutputSlice, where: str) -> None:
+    """A slerp's base_model is its t=0 end: one that is not among the slice's two sources would be silently
+    replaced by the first source, so it is refused, as mergekit refuses it."""
+    base = out_slice.base_model or recipe.base_model
+    models = [s.model for s in out_slice.sources]
+    if method.name == "slerp" and base is not None and base not in models:
+        raise EvomergeError(f"{where}: slerp interpolates from its base_model (t=0) to the other model (t=1), "
+                            f"but base_model {base} is not among the slice's sources ({', '.join(models)}); "
+                            f"list it as a source or leave base_model out (then {models[0]} is t=0)")
 
 
 def _slice_base(method: MergeMethod, recipe: Recipe, out_slice: OutputSlice, where: str) -> str | None:
@@ -178,6 +190,7 @@ class _Planner:
                 if src.model not in self.sources:
                     raise EvomergeError(f"model {src.model} was not loaded")
                 _check_layer_range(src, self.sources[src.model])
+            check_interpolation_base(self.method, self.recipe, s, f"slices[{i}]")
             bases.append(_slice_base(self.method, self.recipe, s, f"slices[{i}]"))
 
         template = self.recipe.base_model or slices[0].sources[0].model

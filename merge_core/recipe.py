@@ -1,20 +1,26 @@
 """Recipes: mergekit's YAML format as typed pydantic models.
 
-The schema mirrors mergekit 0.1.5 so its recipes (and the seeds' examples) load unchanged; unknown keys
-are refused (``extra="forbid"``), and every error names the field and the offending value.
+The schema mirrors mergekit 0.1.5 so its recipes (and the seeds' examples) load unchanged. mergekit drops
+unknown keys and parameters without a word; evomerge drops them too, so every recipe mergekit merges merges
+here to the same tensors, but names each one in a warning (``strict``: an error). The models themselves
+refuse unknown keys (``extra="forbid"``), so nothing reaches them unseen; every error names the field and
+the offending value.
 """
 
 from __future__ import annotations
 
+import difflib
+import sys
+import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Callable, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from merge_core.errors import EvomergeError
-from merge_core.methods import get_method
-from merge_core.params import coerce
+from merge_core.methods import METHODS, REQUIRED, get_method
+from merge_core.params import coerce, lenient_reading
 
 Scalar = Union[bool, int, float, str]
 ScalarOrGradient = Union[Scalar, list[Scalar]]
@@ -74,6 +80,21 @@ class OutputSlice(StrictModel):
         return self
 
 
+class OutputModule(StrictModel):
+    """One entry of mergekit's ``modules:`` block: a module's own ``slices`` or ``models``, and parameters
+    ranked between the output slice's and the global ones."""
+
+    slices: list[OutputSlice] | None = None
+    models: list[InputModel] | None = None
+    parameters: Parameters | None = None
+
+    @model_validator(mode="after")
+    def _one_input_form(self):
+        if bool(self.models) == bool(self.slices):
+            raise ValueError("exactly one of 'models' or 'slices' must be given")
+        return self
+
+
 class ModelTokenSource(StrictModel):
     kind: Literal["model_token"]
     model: str
@@ -113,6 +134,7 @@ class Recipe(StrictModel):
     merge_method: str
     models: list[InputModel] | None = None
     slices: list[OutputSlice] | None = None
+    modules: dict[str, OutputModule] | None = None
     base_model: str | None = None
     parameters: Parameters | None = None
     dtype: str | None = None
@@ -124,12 +146,18 @@ class Recipe(StrictModel):
 
     @model_validator(mode="after")
     def _one_input_form(self):
-        if bool(self.models) == bool(self.slices):
-            raise ValueError("exactly one of 'models' or 'slices' must be given")
+        if sum(map(bool, (self.models, self.slices, self.modules))) != 1:
+            raise ValueError("exactly one of 'models', 'slices' or 'modules' must be given")
+        if self.modules and list(self.modules) != ["default"]:
+            raise ValueError(f"modules: evomerge merges single-module models, whose one module is 'default' "
+                             f"(got {', '.join(map(repr, self.modules))})")
         if self.tokenizer_source and self.tokenizer:
             raise ValueError("give either 'tokenizer_source' or 'tokenizer', not both")
         for key in ("dtype", "out_dtype"):
             value = getattr(self, key)
+            if isinstance(value, str) and value.removeprefix("torch.") in DTYPES:  # mergekit reads torch.bfloat16
+                value = value.removeprefix("torch.")
+                setattr(self, key, value)
             if value is not None and value not in DTYPES:
                 raise ValueError(f"{key}: unknown dtype {value!r} (use one of {', '.join(DTYPES)})")
         return self
@@ -137,13 +165,23 @@ class Recipe(StrictModel):
     def referenced_models(self) -> list[str]:
         """Every model the recipe reads, base first, in order of appearance, without repeats."""
         names: list[str] = [self.base_model] if self.base_model else []
-        for m in self.models or []:
-            names.append(m.model)
-        for s in self.slices or []:
-            names.extend(src.model for src in s.sources)
-            if s.base_model:
-                names.append(s.base_model)
+        for part in (self, *(self.modules or {}).values()):
+            for m in part.models or []:
+                names.append(m.model)
+            for s in part.slices or []:
+                names.extend(src.model for src in s.sources)
+                if s.base_model:
+                    names.append(s.base_model)
         return list(dict.fromkeys(names))
+
+    def input_form(self) -> tuple[list[InputModel] | None, list[OutputSlice] | None, Parameters | None]:
+        """(models, slices, module parameters) of the one module merged: a ``modules:`` recipe's
+        ``default`` module (the only module of the decoder-only models evomerge merges), else the recipe's
+        own ``models`` or ``slices``."""
+        if not self.modules:
+            return self.models, self.slices, None
+        module = self.modules["default"]
+        return module.models, module.slices, module.parameters
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(exclude_none=True, mode="json"), sort_keys=False)
@@ -181,8 +219,20 @@ def read_yaml_mapping(path: str | Path, what: str) -> dict:
     return data
 
 
-def load_recipe(source: str | Path | dict[str, Any]) -> Recipe:
-    """Parse a recipe from a YAML path or a dict; errors are one-line ``EvomergeError``s."""
+Warn = Callable[[str], None]
+
+
+def _warn_on_stderr(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def load_recipe(source: str | Path | dict[str, Any], *, strict: bool = False, warn: Warn | None = None) -> Recipe:
+    """Parse a recipe from a YAML path or a dict; errors are one-line ``EvomergeError``s.
+
+    What mergekit silently ignores (unknown keys, parameters the method does not have, ``normalize: 1.0``
+    for ``true``) is ignored or read as mergekit does and named in one ``warn(message)`` each (default:
+    a ``warning:`` line on stderr); with ``strict`` the first of them is an error instead.
+    """
     where, data = ("recipe", source) if isinstance(source, dict) else (str(source), read_yaml_mapping(source, "recipe"))
     if not isinstance(data, dict):
         raise EvomergeError(f"{where}: expected a mapping of recipe keys, got {type(data).__name__}")
@@ -190,9 +240,113 @@ def load_recipe(source: str | Path | dict[str, Any]) -> Recipe:
         from merge_core.moe import load_moe_recipe  # imported here: moe builds on the engine, which imports us
 
         return load_moe_recipe(data, where)
+    notes: list[str] = []
+    data = _without_unknown_keys(Recipe, data, "", notes, _KeyHints(data))
+    if strict and notes:
+        raise EvomergeError(f"{where}: {notes[0]} (--strict)")
     recipe = validate(Recipe, data, where)
-    check_parameters(recipe)
+    check_parameters(recipe, notes if not strict else None)
+    for note in notes:
+        (warn or _warn_on_stderr)(f"{where}: {note}")
     return recipe
+
+
+# --- what mergekit ignores ------------------------------------------------------------------------
+
+# Keys that belong elsewhere in a recipe, and where.
+_ELSEWHERE = {"pad_to_multiple_of": "tokenizer.pad_to_multiple_of", "tokens": "tokenizer.tokens",
+              "layer_range": "a slice source"}
+
+
+class _KeyHints:
+    """What to say about an ignored key: a near-miss spelling, or where the key belongs, and what applies."""
+
+    def __init__(self, data: dict):
+        self.data = data
+        method = data.get("merge_method")
+        self.method = METHODS.get(method) if isinstance(method, str) else None
+
+    def method_parameters(self) -> dict[str, Any]:
+        return {**self.method.params, **self.method.model_params} if self.method else {}
+
+    def parameter_in_use(self, name: str) -> str:
+        """``name = value`` as the recipe's global parameters or the method's default give it."""
+        top = self.data.get("parameters")
+        if isinstance(top, dict) and name in top:
+            return f"{name} = {top[name]!r} from parameters"
+        default = self.method_parameters().get(name)
+        return (f"{name} is required and must be given under parameters" if default is REQUIRED
+                else f"{name} = {default!r} (its default)")
+
+    def note(self, model: type[BaseModel], key: str, path: str) -> str:
+        fields = list(model.model_fields)
+        ignored = f"{path}: ignored, as mergekit does"
+        if key == "revision" and "model" in fields:
+            return (f"{ignored} (it reads the model's default revision; to pin one, write the model as "
+                    f"NAME@{key.upper()}, which mergekit and evomerge both read)")
+        if key in self.method_parameters() and "parameters" in fields:
+            return (f"{ignored}: {key!r} is a parameter of {self.method.name} and goes under 'parameters'; "
+                    f"{self.parameter_in_use(key)} applies")
+        if key in _ELSEWHERE:
+            return f"{ignored}: {key!r} belongs in {_ELSEWHERE[key]}"
+        close = difflib.get_close_matches(key, fields, n=1, cutoff=0.7)
+        if close:
+            used = self.data.get(close[0]) if model is Recipe else None
+            shown = f"{close[0]} = {used!r} applies" if used is not None else f"{close[0]} is not set"
+            return f"{ignored}: unknown key {key!r}, did you mean {close[0]!r}? ({shown})"
+        return f"{ignored}: unknown key {key!r} (known here: {', '.join(fields)})"
+
+
+def _models_in(annotation) -> list[type[BaseModel]]:
+    """The pydantic models an annotation (a union, optional…) admits directly, not inside containers."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    if typing.get_origin(annotation) is Union:
+        return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+    return []
+
+
+def _containers_in(annotation, kind: type) -> list:
+    """The item (list) or value (dict) annotations of the containers of ``kind`` an annotation admits."""
+    if typing.get_origin(annotation) is kind:
+        return [typing.get_args(annotation)[-1]]
+    if typing.get_origin(annotation) is Union:
+        return [a for arg in typing.get_args(annotation) for a in _containers_in(arg, kind)]
+    return []
+
+
+def _literal_fits(model: type[BaseModel], value: dict) -> bool:
+    """Whether ``value``'s literal-typed keys (a ``kind:`` tag) fit ``model``: picks a union's member."""
+    for name, info in model.model_fields.items():
+        if typing.get_origin(info.annotation) is Literal and value.get(name) not in typing.get_args(info.annotation):
+            return False
+    return True
+
+
+def _without_unknown_keys(annotation, value: Any, path: str, notes: list[str], hints: _KeyHints) -> Any:
+    """``value`` without the keys its model does not have (each one noted), at any depth; unchanged where
+    the model is ambiguous (pydantic then reports the error)."""
+    if isinstance(value, dict):
+        models = [m for m in _models_in(annotation) if _literal_fits(m, value)]
+        if len(models) == 1:
+            model = models[0]
+            kept = {}
+            for key, item in value.items():
+                where = f"{path}.{key}" if path else str(key)
+                if key in model.model_fields:
+                    kept[key] = _without_unknown_keys(model.model_fields[key].annotation, item, where, notes, hints)
+                else:
+                    notes.append(hints.note(model, key, where))
+            return kept
+        inner = _containers_in(annotation, dict)
+        if not models and len(inner) == 1:
+            return {k: _without_unknown_keys(inner[0], v, f"{path}.{k}", notes, hints) for k, v in value.items()}
+    if isinstance(value, list):
+        inner = _containers_in(annotation, list)
+        if inner:
+            items = Union[tuple(inner)] if len(inner) > 1 else inner[0]
+            return [_without_unknown_keys(items, v, f"{path}[{i}]", notes, hints) for i, v in enumerate(value)]
+    return value
 
 
 def _settings_values(setting: ParameterSetting):
@@ -206,28 +360,51 @@ def _settings_values(setting: ParameterSetting):
         yield setting
 
 
-def _check_block(where: str, params: Parameters | None, allowed: dict[str, Any], method: str, other: dict) -> None:
+def _check_block(where: str, params: Parameters | None, allowed: dict[str, Any], method: str, other: dict,
+                 notes: list[str] | None) -> None:
+    """Parameters of one scope: ill-typed values are errors; what mergekit ignores or reads leniently is
+    noted (``notes`` None: an error)."""
+    def lenient(message: str) -> None:
+        if notes is None:
+            raise EvomergeError(f"{message} (--strict)")
+        notes.append(message)
+
     for name, setting in (params or {}).items():
         if name not in allowed:
             if name in other:
-                raise EvomergeError(f"{where}.{name}: {name!r} is a {other[name]} parameter of {method}, not allowed here")
+                lenient(f"{where}.{name}: ignored, as mergekit does: {name!r} is a {other[name]} parameter of "
+                        f"{method}, not read here (give it under the top-level parameters)")
+                continue
+            close = difflib.get_close_matches(name, list(allowed), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
             known = ", ".join(sorted(allowed)) or "none"
-            raise EvomergeError(f"{where}.{name}: unknown parameter {name!r} for {method} (known here: {known})")
+            lenient(f"{where}.{name}: ignored, as mergekit does: {method} has no parameter {name!r}{hint} "
+                    f"(known here: {known})")
+            continue
         for value in _settings_values(setting):
             coerce(name, value, allowed[name], where=f"{where}.{name}")
+            reading = lenient_reading(value, allowed[name])
+            if reading is not None:
+                lenient(f"{where}.{name}: {value!r} read as {reading!r}, as mergekit reads it (write {reading!r})")
 
 
-def check_parameters(recipe: Recipe) -> None:
-    """Refuse unknown methods, misplaced or unknown parameters and ill-typed values before any work."""
+def check_parameters(recipe: Recipe, notes: list[str] | None = None) -> None:
+    """Refuse unknown methods and ill-typed values before any work; parameters mergekit would ignore, and
+    values it reads leniently, go to ``notes`` (None: they are errors too)."""
     method = get_method(recipe.merge_method)
     per_model, shared = method.model_params, method.params
     anywhere = {**shared, **per_model}
-    _check_block("parameters", recipe.parameters, anywhere, method.name, {})
-    for i, m in enumerate(recipe.models or []):
-        _check_block(f"models[{i}] ({m.model}).parameters", m.parameters, per_model, method.name,
-                     {k: "global" for k in shared})
-    for i, s in enumerate(recipe.slices or []):
-        _check_block(f"slices[{i}].parameters", s.parameters, anywhere, method.name, {})
-        for j, src in enumerate(s.sources):
-            _check_block(f"slices[{i}].sources[{j}] ({src.model}).parameters", src.parameters, per_model,
-                         method.name, {k: "global" for k in shared})
+    globally = {k: "global" for k in shared}
+    _check_block("parameters", recipe.parameters, anywhere, method.name, {}, notes)
+    parts = [("", recipe)] + [(f"modules.{name}.", module) for name, module in (recipe.modules or {}).items()]
+    for prefix, part in parts:
+        if prefix:
+            _check_block(f"{prefix}parameters", part.parameters, anywhere, method.name, {}, notes)
+        for i, m in enumerate(part.models or []):
+            _check_block(f"{prefix}models[{i}] ({m.model}).parameters", m.parameters, per_model, method.name,
+                         globally, notes)
+        for i, s in enumerate(part.slices or []):
+            _check_block(f"{prefix}slices[{i}].parameters", s.parameters, anywhere, method.name, {}, notes)
+            for j, src in enumerate(s.sources):
+                _check_block(f"{prefix}slices[{i}].sources[{j}] ({src.model}).parameters", src.parameters,
+                             per_model, method.name, globally, notes)

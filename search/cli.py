@@ -18,10 +18,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     from merge_core import load_recipe, merge
 
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, strict=args.strict,
+                         warn=lambda message: print(f"evomerge merge: warning: {message}", file=sys.stderr))
     out = merge(recipe, args.out_dir, device=args.device, dtype=args.dtype, out_shard_size=args.out_shard_size,
                 seed=args.seed, copy_tokenizer=args.copy_tokenizer, force=args.force,
-                allow_pickle=args.allow_pickle, progress=not args.quiet, recipe_dir=Path(args.recipe).parent)
+                allow_pickle=args.allow_pickle, progress=not args.quiet, recipe_dir=Path(args.recipe).parent,
+                tie_break=args.tie_break)
     print(f"merged model written to {out}")
     return 0
 
@@ -40,6 +42,11 @@ def _add_merge(sub) -> None:
     p.add_argument("--allow-pickle", action="store_true",
                    help="read .bin (pickle) checkpoints with torch.load(weights_only=True)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--strict", action="store_true",
+                   help="what mergekit silently ignores (unknown keys, parameters) is an error, not a warning")
+    p.add_argument("--tie-break", choices=("index", "mergekit"), default="index",
+                   help="which |deltas| tied at a TIES/breadcrumbs threshold are kept: the lowest indices "
+                        "(default, the same on every device) or mergekit's CPU sort order (its exact bytes, slower)")
     p.set_defaults(func=cmd_merge)
 
 
