@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import sys
+import types
 import typing
 from pathlib import Path
 from typing import Any, Callable, Literal, Union
@@ -297,11 +298,14 @@ class _KeyHints:
         return f"{ignored}: unknown key {key!r} (known here: {', '.join(fields)})"
 
 
+_UNIONS = (Union, types.UnionType)
+
+
 def _models_in(annotation) -> list[type[BaseModel]]:
     """The pydantic models an annotation (a union, optional…) admits directly, not inside containers."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return [annotation]
-    if typing.get_origin(annotation) is Union:
+    if typing.get_origin(annotation) in _UNIONS:
         return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
     return []
 
@@ -310,7 +314,7 @@ def _containers_in(annotation, kind: type) -> list:
     """The item (list) or value (dict) annotations of the containers of ``kind`` an annotation admits."""
     if typing.get_origin(annotation) is kind:
         return [typing.get_args(annotation)[-1]]
-    if typing.get_origin(annotation) is Union:
+    if typing.get_origin(annotation) in _UNIONS:
         return [a for arg in typing.get_args(annotation) for a in _containers_in(arg, kind)]
     return []
 
