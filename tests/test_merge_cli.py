@@ -119,7 +119,6 @@ def _bad_cases(fam, tmp_path):
     two = [{"model": fam["ft1"]}, {"model": fam["ft2"]}]
     return {
         "unknown method": ({"merge_method": "averaging", "models": two}, "unknown method 'averaging'"),
-        "unknown key": ({**linear(fam), "dtypo": "float32"}, "dtypo"),
         "slerp with 3 models": ({"merge_method": "slerp", "base_model": fam["base"], "models": two,
                                  "parameters": {"t": 0.5}}, "slerp needs"),
         "density above 1": ({"merge_method": "ties", "base_model": fam["base"], "models": [
@@ -155,6 +154,22 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(fam, tmp_path):
         assert expected in lines[0], f"{case}: {lines[0]}"
         assert not out.exists(), case
         assert not list(tmp_path.glob(".out*")), f"{case}: temporary output left behind"
+
+
+def test_keys_mergekit_ignores_are_one_warning_line_each_and_strict_refuses_them(fam, tmp_path):
+    recipe = linear(fam, name="my-merge", dtypo="float32")
+    recipe["models"][1]["revision"] = "main"
+    path = write_recipe(tmp_path, recipe)
+    result = evomerge("merge", path, tmp_path / "out", "--quiet")
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("evomerge merge: warning: ")]
+    assert len(warnings) == 3, result.stderr
+    assert [w.split(": ")[3] for w in warnings] == ["dtypo", "models[1].revision", "name"]  # safe_dump sorts keys
+    assert "did you mean 'dtype'?" in warnings[0]
+    strict = evomerge("merge", path, tmp_path / "strict", "--strict")
+    lines = strict.stderr.strip().splitlines()
+    assert strict.returncode == 2 and len(lines) == 1 and "dtypo" in lines[0], strict.stderr
+    assert not (tmp_path / "strict").exists()
 
 
 def test_full_disk_is_one_line_exit_2_and_leaves_nothing(fam, tmp_path, monkeypatch, capsys):

@@ -140,17 +140,60 @@ def test_bfloat16_within_one_ulp_of_mergekit(families, tmp_path, case):
         assert _ulps(got[name], expected[name]) <= 1, f"{case}: {name}"
 
 
-def test_bfloat16_ties_differs_from_mergekit_only_where_magnitudes_tie_at_the_threshold(families, tmp_path):
-    """In bf16 many |deltas| equal the TIES threshold exactly; mergekit keeps whichever of them its unstable
-    argsort happens to put first, evomerge the lowest indices (the same count: see test_methods). Everything
-    else is within 1 ulp, and the disagreement is a tiny fraction of the weights."""
-    expected, got = _compare(families, tmp_path, "llama", "ties", dtype="bfloat16")
-    differing = total = 0
-    for name in expected:
-        ia, ib = got[name].view(torch.int16).int(), expected[name].view(torch.int16).int()
-        differing += int(((ia - ib).abs() > 1).sum())
-        total += ia.numel()
-    assert differing / total < 0.01
+SPARSIFYING = {"ties": {}, "breadcrumbs": {"gamma": 0.02}, "breadcrumbs_ties": {"gamma": 0.02}}
+
+
+def _kept_and_cuts(method: str, delta: torch.Tensor, p: dict) -> tuple[int, set[float]]:
+    """How many entries the method keeps of one task vector, and the magnitudes where its cuts fall."""
+    magnitudes = delta.float().abs().reshape(-1).sort().values
+    n = magnitudes.numel()
+    if method == "ties":
+        k = max(1, int(p["density"] * n))
+        return k, {float(magnitudes[n - k])}
+    target = int(p["density"] * n)
+    dropped = max(0, n - target - int(p["gamma"] * n))
+    return target, {float(magnitudes[dropped]), float(magnitudes[dropped + target - 1])}
+
+
+@pytest.mark.parametrize("method", list(SPARSIFYING))
+def test_bfloat16_sparsification_differs_from_mergekit_only_at_entries_tied_at_the_threshold(families, tmp_path,
+                                                                                             method):
+    """In bf16 many |deltas| equal a cut exactly; mergekit keeps whichever its unstable sort puts first,
+    evomerge the lowest indices: per tensor the same number kept, the choice differing only among the
+    tied entries. ``tie_break="mergekit"`` makes the same choice as mergekit."""
+    f = families["llama"]
+    p = {"weight": 1.0, "density": 0.4, **SPARSIFYING[method]}
+    recipe = {"merge_method": method, "base_model": f["base"], "dtype": "bfloat16",
+              "models": [{"model": f["ft1"], "parameters": p}]}
+    expected = run_mergekit(recipe, tmp_path / "mergekit")
+    got = run_evomerge(recipe, tmp_path / "evomerge")
+    merge(load_recipe(recipe), tmp_path / "mergekit_ties", copy_tokenizer=False, tie_break="mergekit")
+    same_choice = load_weights(tmp_path / "mergekit_ties")
+    base, model = (load_weights(Path(f[k])) for k in ("base", "ft1"))
+    differing = 0
+    for name, want in expected.items():
+        origin = base[name].bfloat16()
+        delta = model[name].bfloat16() - origin
+        count, cuts = _kept_and_cuts(method, delta, p)
+        kept_mergekit, kept_evomerge = want != origin, got[name] != origin
+        assert int(kept_mergekit.sum()) == int(kept_evomerge.sum()) == count, name
+        disagree = kept_mergekit ^ kept_evomerge
+        assert set(delta.float().abs()[disagree].tolist()) <= cuts, name
+        assert torch.equal(got[name][~disagree], want[~disagree]), name
+        assert torch.equal(same_choice[name], want), name
+        differing += int(disagree.sum())
+    assert differing > 0  # the family does tie in bf16: the rule is exercised
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_mergekit_tie_break_gives_mergekit_bytes_for_every_sparsifying_method(families, tmp_path, dtype):
+    f = families["llama"]
+    for method in SPARSIFYING:
+        recipe = {**recipes(f)[method], "merge_method": method, "dtype": dtype}
+        expected = run_mergekit(recipe, tmp_path / method / "mergekit")
+        merge(load_recipe(recipe), tmp_path / method / "evomerge", copy_tokenizer=False, tie_break="mergekit")
+        got = load_weights(tmp_path / method / "evomerge")
+        assert all(torch.equal(got[name], want) for name, want in expected.items()), method
 
 
 def test_passthrough_keeps_per_layer_config_lists_where_mergekit_fails(families, tmp_path):
