@@ -163,8 +163,8 @@ class Workbench:
         return recipe
 
     def materialize(self, recipe: dict[str, Any]) -> None:
-        merge_into(self.model, load_recipe(recipe), self.sources, device=self.config.device, seed=self.config.seed,
-                   cache=self.cache, precompute_bytes=PRECOMPUTE_BYTES)
+        merge_into(self.model, load_recipe(recipe, strict=True), self.sources, device=self.config.device,
+                   seed=self.config.seed, cache=self.cache, precompute_bytes=PRECOMPUTE_BYTES)
 
     def load_source(self, ref: str) -> None:
         """Put one source model's own weights into the live model (for baselines)."""
@@ -420,7 +420,7 @@ def check_config(config: SearchConfig, config_dir: Path | None = None) -> dict[s
     num_layers = count_layers(base.names, base.config, config.base_model)
     dims = dimensions(config, num_layers)
     recipe = build_recipe(config, dims, handwritten_point(config, dims), num_layers)
-    plan = plan_merge(load_recipe(recipe), readers)
+    plan = plan_merge(load_recipe(recipe, strict=True), readers)  # generated: nothing may be ignored
     evaluator = build_evaluator(config)
     return {"models": paths, "layers": num_layers, "dimensions": [d.key for d in dims],
             "tensors": len(plan.jobs), "tasks": list(getattr(evaluator, "task_names", [t.name for t in config.tasks])),
