@@ -62,17 +62,20 @@ class BackgroundWrites:
 
 
 def resolve_model_path(ref: str, recipe_dir: Path | None = None) -> Path:
-    """A local directory (as given, or relative to the recipe file), else a hub id from the local HF cache."""
-    for candidate in (Path(ref).expanduser(), (recipe_dir / ref) if recipe_dir else None):
-        if candidate is not None and candidate.is_dir():
-            return candidate.resolve()
-    if Path(ref).is_absolute() or ref.startswith((".", "~")) or ref.count("/") != 1:
+    """A local directory (as given, or relative to the recipe file), else a hub id from the local HF cache.
+    ``NAME@REVISION`` pins a hub revision, as in mergekit; a local directory has none (the suffix is dropped)."""
+    name, revision = ref.rsplit("@", 1) if "@" in ref else (ref, None)
+    for path in dict.fromkeys((ref, name)):
+        for candidate in (Path(path).expanduser(), (recipe_dir / path) if recipe_dir else None):
+            if candidate is not None and candidate.is_dir():
+                return candidate.resolve()
+    if Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") != 1:
         raise EvomergeError(f"model {ref}: no such directory")
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(ref, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model",
-                                                           "*.txt", "*.jinja"]))
+        return Path(snapshot_download(name, revision=revision, allow_patterns=[
+            "*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]))
     except Exception as exc:
         offline = " (offline: set HF_HUB_OFFLINE=0 to download)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
         raise EvomergeError(f"model {ref}: not a local directory and not available from the hub{offline}: "

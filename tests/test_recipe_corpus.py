@@ -140,6 +140,10 @@ def corpus(f: dict[str, str]) -> dict[str, Case]:
                        {"sources": [{"model": a, "layer_range": [2, 4]}]}],
             "merge_method": "passthrough", "dtype": "float16"},
             warned=("slices[1].sources[0].revision",)),
+        # A revision pinned the way both tools read it (a local directory has no revisions).
+        "linear_pinned_revision": Case({
+            "merge_method": "linear", "models": [{"model": f"{a}@main", "parameters": {"weight": 0.5}},
+                                                 {"model": b, "parameters": {"weight": 0.5}}]}),
         # Per-source and per-slice parameters in the slices form.
         "ties_slices_per_source": Case({
             "slices": [{"sources": [{"model": base, "layer_range": [0, 4]},
