@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 from pathlib import Path
+
+from merge_core.checkpoint import check_writable_dir
+from merge_core.errors import EvomergeError
 
 from evaluators.base import Scores
 
@@ -14,6 +19,11 @@ def run_eval(args: argparse.Namespace) -> int:
     from evaluators.loading import load_model
     from evaluators.perplexity import PerplexityEvaluator
 
+    output = Path(args.output) if args.output else None
+    if output is not None:  # before minutes of scoring, not after
+        if output.is_dir():
+            raise EvomergeError(f"--output {output} is a directory; give a file name")
+        check_writable_dir(output.parent, "--output")
     evaluators = []
     if args.tasks:
         evaluators.append(LmEvalEvaluator(args.tasks, include_path=args.include_path,
@@ -24,19 +34,32 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.perplexity:
         evaluators.append(PerplexityEvaluator(args.perplexity, device=args.device))
     if not evaluators:
-        from merge_core.errors import EvomergeError
-
         raise EvomergeError("nothing to score: give --tasks and/or --perplexity")
     model, tokenizer = load_model(args.model_dir, device=args.device)
     scores = Scores(tasks={})
     for evaluator in evaluators:
         scores = scores.merged(evaluator.score(model, tokenizer))
     print_scores(scores, title=f"{args.model_dir} ({args.split} split)")
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(scores.to_dict(), indent=1) + "\n")
-        print(f"scores written to {args.output}")
+    if output is not None:
+        write_json_atomically(output, scores.to_dict())
+        print(f"scores written to {output}")
     return 0
+
+
+def write_json_atomically(path: Path, data: object) -> None:
+    """``path`` holds the whole JSON or, after any failure (a full disk), what it held before."""
+    created = [p for p in path.parents if not p.exists()][::-1]
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        for directory in reversed(created):
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        raise EvomergeError(f"--output {path}: cannot write it ({exc.strerror})") from None
 
 
 def print_scores(scores: Scores, title: str = "") -> None:

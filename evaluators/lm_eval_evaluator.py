@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import numbers
 import os
 import time
@@ -84,6 +85,16 @@ def _live_hflm_class():
     return LiveHFLM
 
 
+def check_limit(limit: int | float | None) -> None:
+    """lm-eval's ``limit``: a whole number of documents >= 1, or a fraction in (0, 1). Anything else would
+    be truncated (2.5 -> 2), fail deep inside lm-eval (0, negatives, NaN) or score nothing."""
+    if limit is None:
+        return
+    if isinstance(limit, bool) or not isinstance(limit, numbers.Real) or not math.isfinite(limit) or limit <= 0 \
+            or (limit >= 1 and limit != int(limit)):
+        raise EvomergeError(f"limit must be a whole number of documents >= 1 or a fraction in (0, 1), got {limit!r}")
+
+
 @dataclass
 class _Requests:
     """The weight-independent work for one tokenizer: request objects per type, documents per task."""
@@ -118,6 +129,14 @@ class LmEvalEvaluator:
             raise EvomergeError(f"no task names given: {tasks!r}")
         if batch_size < 1:
             raise EvomergeError(f"batch_size must be >= 1, got {batch_size}")
+        check_limit(limit)
+        if num_fewshot is not None and num_fewshot < 0:
+            raise EvomergeError(f"num_fewshot must be >= 0, got {num_fewshot}")
+        if threads is not None and threads < 1:
+            raise EvomergeError(f"threads must be >= 1, got {threads}")
+        from merge_core.engine import _check_device  # here: importing evaluators stays free of torch
+
+        _check_device(device)
         include = Path(include_path) if include_path is not None else DEFAULT_INCLUDE_PATH
         if include_path is not None and not include.is_dir():
             raise EvomergeError(f"task include path {include} is not a directory")
@@ -223,16 +242,25 @@ class LmEvalEvaluator:
 
         if self._requests is not None and self._requests.tokenizer is tokenizer:
             return self._requests
+        if self.apply_chat_template and not getattr(tokenizer, "chat_template", None):
+            raise EvomergeError("apply_chat_template: the model's tokenizer has no chat template "
+                                "(tokenizer_config.json has no chat_template and there is no chat_template.jinja)")
         by_type: dict[str, list] = defaultdict(list)
         docs = {}
         for name, task in self._tasks.items():
             limit = get_sample_size(task, self.limit)
-            with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):  # lm-eval's tqdm bar
-                task.build_all_requests(limit=limit, rank=0, world_size=1, cache_requests=False,
-                                        apply_chat_template=self.apply_chat_template,
-                                        fewshot_as_multiturn=self.apply_chat_template,
-                                        chat_template=lm.apply_chat_template if self.apply_chat_template else None,
-                                        tokenizer_name=lm.tokenizer_name if self.apply_chat_template else "")
+            try:
+                with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):  # lm-eval's tqdm bar
+                    task.build_all_requests(limit=limit, rank=0, world_size=1, cache_requests=False,
+                                            apply_chat_template=self.apply_chat_template,
+                                            fewshot_as_multiturn=self.apply_chat_template,
+                                            chat_template=lm.apply_chat_template if self.apply_chat_template
+                                            else None,
+                                            tokenizer_name=lm.tokenizer_name if self.apply_chat_template else "")
+            except ValueError as exc:  # e.g. an empty split, more few-shot examples than the task's pool
+                shots = task.get_config("num_fewshot")
+                raise EvomergeError(f"task {name!r} ({self.split or 'default'} split, {shots} few-shot): cannot "
+                                    f"build its requests: {exc}") from None
             per_doc = defaultdict(list)
             for instance in task.instances:
                 by_type[instance.request_type].append(instance)

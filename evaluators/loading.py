@@ -14,6 +14,9 @@ def load_model(model_dir: str | Path, device: str = "cpu") -> tuple[Any, Any]:
     """``(model, tokenizer)`` from a local Hugging Face checkpoint directory, model in eval mode on ``device``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from merge_core.checkpoint import CheckpointReader
+    from merge_core.engine import _check_device
+
     path = Path(model_dir)
     if not path.is_dir():
         raise EvomergeError(f"model directory {path} does not exist")
@@ -22,11 +25,15 @@ def load_model(model_dir: str | Path, device: str = "cpu") -> tuple[Any, Any]:
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise EvomergeError(f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
                             f"copy the base model's tokenizer files into it")
+    _check_device(device)
+    if any(path.glob("*.safetensors")):
+        CheckpointReader(path)  # its header checks name a truncated or corrupt weights file in one line
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise EvomergeError(f"cannot load model from {path}: {exc}") from exc
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:  # RuntimeError: e.g. tensor shape mismatches
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise EvomergeError(f"cannot load model from {path}: {first}") from exc
     return model.to(device).eval(), tokenizer
 
 

@@ -30,7 +30,17 @@ class PerplexityEvaluator:
         if context_length < 2 or max_tokens < context_length:
             raise EvomergeError(f"need context_length >= 2 and max_tokens >= context_length, "
                                 f"got {context_length} and {max_tokens}")
-        self.text = self.path.read_text(encoding="utf-8")
+        try:
+            self.text = self.path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise EvomergeError(f"perplexity text file {self.path} is not UTF-8 text") from None
+        except OSError as exc:
+            raise EvomergeError(f"perplexity text file {self.path} cannot be read: {exc.strerror}") from None
+        if batch_size < 1:
+            raise EvomergeError(f"batch_size must be >= 1, got {batch_size}")
+        from merge_core.engine import _check_device  # here: importing evaluators stays free of torch
+
+        _check_device(device)
         self.max_tokens = max_tokens
         self.context_length = context_length
         self.batch_size = batch_size

@@ -356,6 +356,7 @@ class ShardedWriter:
         self._paths: dict[int, Path] = {}
         self._mapped: dict[str, int] = {}  # name -> address of its destination
         self._written: set[str] = set()
+        self._reserved: set[int] = set()  # shards whose disk space is taken, so mapped writes cannot fault
         self._lock = threading.Lock()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -379,6 +380,7 @@ class ShardedWriter:
             os.ftruncate(fd, size)
             try:
                 os.posix_fallocate(fd, 0, size)
+                self._reserved.add(fd)
             except OSError as exc:
                 if exc.errno in _DISK_FULL:  # else the file system cannot reserve: write as it comes
                     raise
@@ -394,12 +396,17 @@ class ShardedWriter:
     def total_size(self) -> int:
         return sum(self._nbytes(name) for name in self.layout)
 
-    def destination(self, name: str) -> Tensor:
+    def destination(self, name: str) -> Tensor | None:
         """Where ``name`` lies in its shard file, mapped into memory: a method that computes into it writes
         the page cache directly, on its own threads (no output buffer, no copy, no serial write), and
-        ``write`` then has nothing to copy. The mapping goes when the last view of it does."""
+        ``write`` then has nothing to copy. The mapping goes when the last view of it does.
+
+        None where the file system could not reserve the shard's space: a store through a mapping into
+        a hole of a full disk is a SIGBUS, while ``write`` reports it as an error."""
         shape, dtype = self.layout[name]
         fd, offset = self._offsets[name]
+        if fd not in self._reserved:
+            return None
         mapped = np.memmap(self._paths[fd], dtype=np.uint8, mode="r+", offset=offset, shape=(self._nbytes(name),))
         view = torch.from_numpy(mapped).view(dtype).view(shape)
         self._mapped[name] = view.data_ptr()
@@ -453,6 +460,20 @@ class ShardedWriter:
 # --------------------------------------------------------------------------------------------- output dir
 
 
+def check_writable_dir(path: str | Path, what: str) -> None:
+    """Refuse, before minutes of work, a directory that could not be written: its nearest existing
+    ancestor must be a directory that takes a file (a probe file, removed at once)."""
+    path = Path(path)
+    existing = next(p for p in [path, *path.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        raise EvomergeError(f"{what} {path}: {existing} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise EvomergeError(f"{what} {path}: cannot write in {existing} ({exc.strerror})") from None
+
+
 def check_output_dir(out_dir: str | os.PathLike, *, force: bool) -> Path:
     """Refuse to overwrite a non-empty ``out_dir`` unless ``force``: called before any work is done."""
     out = Path(os.path.abspath(out_dir))
@@ -469,9 +490,14 @@ def atomic_output_dir(out_dir: str | os.PathLike, *, force: bool) -> Iterator[Pa
     directory named like the output is always a complete one.
     """
     out = check_output_dir(out_dir, force=force)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    created = [p for p in out.parents if not p.exists()][::-1]  # removed again if the merge fails
     staging = out.parent / f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
-    staging.mkdir()  # not mkdtemp: the output keeps the user's umask, not mode 0700
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()  # not mkdtemp: the output keeps the user's umask, not mode 0700
+    except OSError as exc:
+        _remove_empty(created)
+        raise EvomergeError(f"output {out}: cannot create it ({_cannot_create(out, exc)})") from None
     try:
         yield staging
         if out.exists() or out.is_symlink():
@@ -481,6 +507,33 @@ def atomic_output_dir(out_dir: str | os.PathLike, *, force: bool) -> Iterator[Pa
             shutil.rmtree(old)
         else:
             os.replace(staging, out)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        _remove_empty(created)
+        if isinstance(exc, EvomergeError) and str(staging) in str(exc):  # name the output, not the staging dir
+            raise EvomergeError(str(exc).replace(str(staging), str(out))) from None
+        written = [f for f in (getattr(exc, "filename", None), getattr(exc, "filename2", None))
+                   if f is not None and str(f).startswith(str(staging))]
+        if isinstance(exc, OSError) and written:
+            name = Path(written[0]).relative_to(staging)
+            raise EvomergeError(f"output {out}: cannot write {name} ({exc.strerror})") from None
         raise
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    """Remove the directories a failed run created (deepest first), unless something else is in them now."""
+    for directory in reversed(directories):
+        try:
+            directory.rmdir()
+        except OSError:
+            return
+
+
+def _cannot_create(out: Path, exc: OSError) -> str:
+    """Why ``out`` cannot be made, naming the path in the way: a parent that is a file, or the refusal."""
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{parent} is not a directory"
+            break
+    return f"{exc.strerror}: {exc.filename}" if exc.filename else str(exc.strerror or exc)

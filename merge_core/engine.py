@@ -142,8 +142,28 @@ def compute_tensor(job: TensorJob, plan: MergePlan, sources: dict[str, Source], 
                         cache=tensor_cache, precompute=precompute, out=out, tie_break=tie_break)
     result = plan.method.fn(tensors, job.base, job.model_params, job.params, ctx)
     if not _all_finite(result):
-        raise EvomergeError(f"tensor {job.name}: the merge produced NaN or Inf")
+        raise EvomergeError(non_finite_cause(job, plan.method.name, tensors, result))
     return result
+
+
+def non_finite_cause(job: TensorJob, method: str, inputs: list[torch.Tensor], result: torch.Tensor) -> str:
+    """Why a merged tensor holds NaN or Inf, as one line: a source that already does, or the arithmetic
+    (values beyond the dtype's range), with the per-model weights that scaled them."""
+    where = f"tensor {job.name}"
+    for model, tensor in zip(job.models, inputs):
+        if not _all_finite(tensor):
+            return f"{where}: model {model} holds NaN or Inf values (the merge cannot repair a broken source)"
+    weights = [p["weight"] for p in job.model_params if isinstance(p.get("weight"), (int, float))]
+    scale = f" (weights: {', '.join(f'{w:g}' for w in weights)})" if weights else ""
+    if bool(torch.isnan(result).any()):
+        return f"{where}: {method} produced NaN from finite inputs{scale}"
+    limit = torch.finfo(result.dtype).max if result.is_floating_point() else float("inf")
+    return (f"{where}: {method} produced Inf from finite inputs: the merged values overflow {_dtype_name(result.dtype)}"
+            f" (largest finite {limit:.4g}){scale}")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def run_plan(plan: MergePlan, sources: dict[str, Source], sink: Callable[[TensorJob, torch.Tensor], None], *,
@@ -183,10 +203,17 @@ def _dtypes(recipe: Recipe, dtype: str | None) -> tuple[torch.dtype | None, torc
 
 
 def _check_device(device: str) -> None:
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    """Refuse, before any work, a device this machine cannot compute on (every command's ``--device``)."""
+    if not isinstance(device, str) or device.split(":")[0] not in ("cpu", "cuda"):
+        raise EvomergeError(f"--device {device!r}: use cpu or cuda (cuda:N for one GPU)")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise EvomergeError(f"--device {device!r}: not a device name (use cpu, cuda or cuda:N)") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
         raise EvomergeError(f"--device {device}: CUDA is not available on this machine")
-    if not (device == "cpu" or device.startswith("cuda")):
-        raise EvomergeError(f"--device {device}: use cpu or cuda")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise EvomergeError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def _tokenizer_dir(recipe: Recipe, paths: dict[str, Path], template: str) -> Path:
@@ -286,10 +313,17 @@ def merge(recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", dtype: st
         layout = {job.name: (job.shape, out_dtype or sources[job.models[0]].dtype(job.tensor_names[0]))
                   for job in plan.jobs}
         writer = ShardedWriter(tmp, layout, max_shard_bytes=max_shard)
+        def to_output(job: TensorJob, tensor: torch.Tensor) -> None:
+            stored = tensor.to(device="cpu", dtype=layout[job.name][1])
+            if stored.dtype != tensor.dtype and stored.is_floating_point() and not _all_finite(stored):
+                raise EvomergeError(f"tensor {job.name}: the merged values overflow the output dtype "
+                                    f"{_dtype_name(stored.dtype)} (largest finite "
+                                    f"{torch.finfo(stored.dtype).max:.4g}); use a wider out_dtype")
+            to_disk(job.name, stored)
+
         with BackgroundWrites(writer) as to_disk:
-            run_plan(plan, sources, lambda job, tensor: to_disk(job.name, tensor.to(device="cpu",
-                                                                                   dtype=layout[job.name][1])),
-                     dtype=compute_dtype, device=device, seed=seed, progress=progress, tie_break=tie_break,
+            run_plan(plan, sources, to_output, dtype=compute_dtype, device=device, seed=seed, progress=progress,
+                     tie_break=tie_break,
                      destination=(lambda job: writer.destination(job.name)) if device == "cpu" else lambda job: None)
         writer.close()
         (tmp / "config.json").write_text(json.dumps(output_config(plan, out_dtype), indent=2))

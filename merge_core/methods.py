@@ -27,6 +27,7 @@ mergekit rounds, so bf16 inputs give mergekit's bf16 arithmetic.
 
 from __future__ import annotations
 
+import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -182,7 +183,17 @@ def linear(tensors, base, model_params, params, ctx):
     out = _flat_output(ctx, tensors[0])
     chunks = _chunks(out.numel())
 
+    too_large = [p["weight"] for p, w in zip(model_params, weights.tolist()) if not math.isfinite(w)]
+    if too_large:
+        raise EvomergeError(f"tensor {ctx.name}: linear's weight {too_large[0]:g} is beyond the range of "
+                            f"{str(weights.dtype).removeprefix('torch.')} (largest finite "
+                            f"{torch.finfo(weights.dtype).max:.4g})")
     divisor = weights.sum() if params["normalize"] else None
+    if divisor is not None and not (divisor != 0 and torch.isfinite(divisor)):  # mergekit would write NaN
+        raise EvomergeError(f"tensor {ctx.name}: linear's weights ({', '.join(f'{w:g}' for w in weights.tolist())}) "
+                            f"sum to {float(divisor):g} in {str(weights.dtype).removeprefix('torch.')}, and "
+                            f"normalize: true divides by that sum; give weights with a non-zero finite sum, "
+                            f"or normalize: false")
     compiled = (weights.dtype == torch.float32 and native.supports(out.dtype, out.device, 1)
                 and all(t.dtype == out.dtype and t.device == out.device for t in flat))
 
@@ -290,7 +301,10 @@ def _nuslerp(t: float, v0: Tensor, v1: Tensor, row_wise: bool, flatten: bool) ->
           min_non_base=2, max_non_base=2)
 def nuslerp(tensors, base, model_params, params, ctx):
     """Slerp with t = w₂/(w₁+w₂) between two models, or between their task vectors when there is a base."""
-    first, second = _others(tensors, base)
+    others = _others(tensors, base)
+    if len(others) != 2:  # the planner refuses this first; kept so a direct call is one line too
+        raise EvomergeError(f"nuslerp needs exactly 2 models besides the base, got {len(others)}")
+    first, second = others
     w1, w2 = model_params[first]["weight"], model_params[second]["weight"]
     t = 0.5 if abs(w1 + w2) < 1e-6 else w2 / (w1 + w2)
     interpolate = partial(_nuslerp, t, row_wise=params["nuslerp_row_wise"], flatten=params["nuslerp_flatten"])

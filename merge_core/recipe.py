@@ -212,9 +212,13 @@ def read_yaml_mapping(path: str | Path, what: str) -> dict:
     if not path.is_file():
         raise EvomergeError(f"{what} file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise EvomergeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except UnicodeDecodeError:
+        raise EvomergeError(f"{path}: not a text file (not UTF-8)") from None
+    except OSError as exc:
+        raise EvomergeError(f"{what} file {path} cannot be read: {exc.strerror}") from None
     if not isinstance(data, dict):
         raise EvomergeError(f"{path}: expected a mapping of {what} keys, got {type(data).__name__}")
     return data

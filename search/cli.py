@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import contextmanager
+from pathlib import Path
 
 from evaluators.lm_eval_evaluator import offline_defaults
+from merge_core.checkpoint import check_writable_dir
 from merge_core.errors import EvomergeError
 
 
@@ -178,11 +181,26 @@ def _add_report(sub) -> None:
     p.set_defaults(func=cmd_report)
 
 
+@contextmanager
+def _no_stray_lock(directory: str | Path):
+    """A refused zoo directory keeps no lock file that the refusal itself made."""
+    lock = Path(directory) / ".lock"
+    existed = lock.exists()
+    try:
+        yield
+    except EvomergeError:
+        if not existed:
+            lock.unlink(missing_ok=True)
+        raise
+
+
 def cmd_zoo_build(args: argparse.Namespace) -> None:
     from search import zoo
 
     log = (lambda message: None) if args.quiet else print
-    family = zoo.build_zoo(args.dir, log=log)
+    check_writable_dir(args.dir, "zoo directory")
+    with _no_stray_lock(args.dir):
+        family = zoo.build_zoo(args.dir, log=log)
     print(zoo.summary(family))
     if args.moe_ready:
         for skill, expert in zoo.ensure_moe_ready_experts(family, log).items():
@@ -193,7 +211,7 @@ def _add_zoo(sub) -> None:
     from search import zoo
 
     p = sub.add_parser("zoo", help="the demo model family: a tiny Llama base and one fine-tune per skill")
-    actions = p.add_subparsers(dest="zoo_command", required=True)
+    actions = p.add_subparsers(dest="zoo_command", required=True, metavar="{build,tasks}")
     build = actions.add_parser("build", help="train the family on CPU in minutes (cached: returns at once when built)")
     build.add_argument("dir", nargs="?", default=str(zoo.DEFAULT_ZOO_DIR),
                        help=f"output directory (default: {zoo.DEFAULT_ZOO_DIR})")
@@ -203,7 +221,14 @@ def _add_zoo(sub) -> None:
     build.set_defaults(func=cmd_zoo_build)
     tasks = actions.add_parser("tasks", help="regenerate the lm-eval task YAMLs and JSONL splits of the zoo's skills")
     tasks.add_argument("dir", nargs="?", default=str(zoo.TASKS_DIR), help="task directory (default: configs/tasks)")
-    tasks.set_defaults(func=lambda args: print(f"wrote {len(zoo.write_tasks(args.dir))} files under {args.dir}"))
+    tasks.set_defaults(func=cmd_zoo_tasks)
+
+
+def cmd_zoo_tasks(args: argparse.Namespace) -> None:
+    from search import zoo
+
+    check_writable_dir(args.dir, "task directory")
+    print(f"wrote {len(zoo.write_tasks(args.dir))} files under {args.dir}")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -212,15 +237,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from search.config import load_search_config
     from search.loop import search
-    from search.report import write_report
+    from search.report import parse_storage_url, write_report
     from search.zoo import build_zoo
 
     config_path = Path(args.config)
     root = config_path.resolve().parent.parent
     config = load_search_config(config_path)
+    if args.storage is not None:
+        parse_storage_url(args.storage)
     zoo_dir = root / "results" / "zoo"
+    check_writable_dir(root / "results", "results directory")
     print(f"1/3 demo family in {zoo_dir} (built once, then cached)", flush=True)
-    build_zoo(zoo_dir, log=lambda message: print(f"    {message}", flush=True))
+    with _no_stray_lock(zoo_dir):
+        build_zoo(zoo_dir, log=lambda message: print(f"    {message}", flush=True))
     print(f"2/3 search: {config.n_trials} trials of {config.method} over {len(config.models)} fine-tunes, "
           f"study in {config.storage_url} (running again resumes)", flush=True)
     include = root / config.include_path if config.include_path else None
@@ -249,8 +278,15 @@ def _add_demo(sub) -> None:
 SUBCOMMANDS = [_add_merge, _add_search, _add_eval, _add_report, _add_zoo, _add_demo]
 
 
+class _Parser(argparse.ArgumentParser):
+    """A bad flag is reported like any other bad input: one line and exit 2 (the usage is one --help away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="evomerge", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="evomerge", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS:
         add(sub)
@@ -264,6 +300,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except EvomergeError as exc:
         print(f"evomerge {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the file system refused: a read-only or full disk, a file where a directory goes
+        where = ", ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+        print(f"evomerge {args.command}: error: {where + ': ' if where else ''}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"evomerge {args.command}: interrupted", file=sys.stderr)

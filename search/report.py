@@ -27,11 +27,12 @@ from optuna.trial import FrozenTrial, TrialState
 
 from evaluators.base import RECIPROCAL_METRICS, Scores
 from merge_core.architecture import parse_layer
+from merge_core.checkpoint import check_writable_dir
 from merge_core.engine import merge as merge_to_disk
 from merge_core.engine import model_card, open_sources, resolve_model_path
 from merge_core.errors import EvomergeError
 from merge_core.plan import plan_merge
-from merge_core.recipe import Provenance, load_recipe
+from merge_core.recipe import Provenance, load_recipe, validate
 from search.config import SearchConfig
 from search.loop import build_evaluator, objective_of, open_workbench
 from search.space import model_labels
@@ -42,6 +43,7 @@ MIN_TRIALS_FOR_IMPORTANCE = 10
 MAX_IMPORTANCES_SHOWN = 20
 TEST_CACHE = "test_scores.json"
 SPLITS = ("search", "test")
+SQLITE_HEADER = b"SQLite format 3\x00"
 
 
 @dataclass
@@ -72,11 +74,36 @@ def _public_url(url: str) -> str:
         return url
 
 
-def _sqlite_file(url: str) -> Path | None:
+def parse_storage_url(url: str):
+    """The storage URL parsed (SQLAlchemy's ``URL``), or a one-line error for one that is not a URL at all."""
     from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
 
-    parsed = make_url(url)
+    try:
+        return make_url(url)
+    except (ArgumentError, ValueError, TypeError):
+        raise EvomergeError(f"storage {url!r}: not a database URL (e.g. sqlite:///path/study.db or "
+                            f"postgresql://user@host/db)") from None
+
+
+def _sqlite_file(url: str) -> Path | None:
+    parsed = parse_storage_url(url)
     return Path(parsed.database) if parsed.drivername.startswith("sqlite") and parsed.database else None
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception of a chain: Optuna wraps a driver's refusal ("file is not a database") in a
+    generic commit error that names no cause."""
+    while (exc.__cause__ or exc.__context__) is not None:
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
+def _close(rdb: RDBStorage | None) -> None:
+    """Close the storage's connections: SQLite then removes its -wal/-shm files, leaving the run dir as it was."""
+    if rdb is not None:
+        rdb.remove_session()
+        rdb.engine.dispose()
 
 
 def default_storage(run_dir: Path) -> str:
@@ -85,15 +112,42 @@ def default_storage(run_dir: Path) -> str:
 
 def open_study(run_dir: Path, storage: str, study_name: str | None = None) -> optuna.Study:
     """The run's study, opened read-only: no table creation, no heartbeat, no stale-trial handling."""
+    rdb = open_storage_read_only(run_dir, storage)
+    try:
+        return load_evomerge_study(rdb, storage, study_name)
+    except EvomergeError:
+        _close(rdb)
+        raise
+
+
+def open_storage_read_only(run_dir: Path, storage: str) -> RDBStorage:
+    """The storage, without creating tables (or, for SQLite, a database file where there was none)."""
     shown = _public_url(storage)
     db_file = _sqlite_file(storage)
     if db_file is not None and not db_file.is_file():  # SQLAlchemy would create an empty database
         raise EvomergeError(f"{run_dir}: no study here ({db_file} does not exist; give --storage)")
+    if db_file is not None:  # refused before SQLite opens it, which would turn it into a WAL database
+        with open(db_file, "rb") as handle:
+            head = handle.read(len(SQLITE_HEADER))
+        if head != SQLITE_HEADER:
+            raise EvomergeError(f"{run_dir}: no study here ({db_file} is "
+                                f"{'empty' if not head else 'not an SQLite database'})")
+    rdb = None
     try:
         rdb = RDBStorage(storage, skip_table_creation=True)
-        names = [s.study_name for s in rdb.get_all_studies()]
+        rdb.get_all_studies()
     except Exception as exc:
-        raise EvomergeError(f"storage {shown}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+        _close(rdb)
+        cause = _root_cause(exc)
+        raise EvomergeError(f"storage {shown}: {type(cause).__name__}: "
+                            f"{(str(cause).splitlines() or [''])[0]}") from None
+    return rdb
+
+
+def load_evomerge_study(rdb: RDBStorage, storage: str, study_name: str | None) -> optuna.Study:
+    """The study ``study_name`` (default: the storage's only one), refused unless ``evomerge search`` made it."""
+    shown = _public_url(storage)
+    names = [s.study_name for s in rdb.get_all_studies()]
     if not names:
         raise EvomergeError(f"storage {shown} holds no study")
     if study_name is None:
@@ -111,7 +165,7 @@ def open_study(run_dir: Path, storage: str, study_name: str | None = None) -> op
 def study_config(study: optuna.Study) -> SearchConfig:
     """The search config with model refs replaced by the paths the search read (recorded with the baselines):
     refs may be relative to a config file the report does not know, and trial recipes name these paths."""
-    config = SearchConfig.model_validate(study.user_attrs["config"])
+    config = validate(SearchConfig, study.user_attrs["config"], f"study {study.study_name!r}: stored config")
     baselines = study.user_attrs.get("baselines", {})
     labels = model_labels([config.base_model, *config.models])
     path = {ref: baselines[label]["model"] if label in baselines else str(resolve_model_path(ref))
@@ -208,7 +262,7 @@ def score_test_split(rows: list[Row], config: SearchConfig, run_dir: Path, evalu
                      progress: bool = False) -> None:
     """Fill ``row.test`` for every row: from the cache, else by loading the row into the loop's workbench."""
     cache_path = run_dir / TEST_CACHE
-    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    cache = _read_test_cache(cache_path)
     missing = [row for row in rows if _test_key(row, config) not in cache]
     if missing:
         from rich.console import Console
@@ -225,7 +279,27 @@ def score_test_split(rows: list[Row], config: SearchConfig, run_dir: Path, evalu
                 cache[_test_key(row, config)] = bench.evaluator.score(bench.model, bench.tokenizer).to_dict()
             _write_json(cache_path, cache)  # an interrupted report keeps what it has scored
     for row in rows:
-        row.test = Scores.from_dict(cache[_test_key(row, config)])
+        try:
+            row.test = Scores.from_dict(cache[_test_key(row, config)])
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise EvomergeError(f"{cache_path}: the entry of {row.name} is not a set of scores "
+                                f"(delete the file to score the test split again)") from None
+
+
+def _read_test_cache(path: Path) -> dict[str, Any]:
+    """The cached test-split scores; a cache that is not ours to read is refused, never silently replaced."""
+    if not path.exists():
+        return {}
+    try:
+        cache = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise EvomergeError(f"{path}: cannot be read ({exc.strerror})") from None
+    except ValueError:
+        raise EvomergeError(f"{path}: not valid JSON (delete the file to score the test split again)") from None
+    if not isinstance(cache, dict):
+        raise EvomergeError(f"{path}: expected a JSON object of test-split scores "
+                            f"(delete the file to score the test split again)")
+    return cache
 
 
 # --- tables -------------------------------------------------------------------------------------------
@@ -457,7 +531,19 @@ def write_report(run_dir: str | Path, *, storage: str | None = None, study_name:
         raise EvomergeError(f"--top-k must be at least 1, got {top_k}")
     run_dir = Path(run_dir)
     storage = storage or default_storage(run_dir)
-    study = open_study(run_dir, storage, study_name)
+    db_file = _sqlite_file(storage)
+    if db_file is None or db_file.is_file():  # else there is no study here, which is said first
+        check_writable_dir(run_dir, "run directory")  # SQLite too: a WAL database writes its -shm file there
+    rdb = open_storage_read_only(run_dir, storage)
+    try:
+        return _write_report(run_dir, rdb, storage, study_name, top_k, test, merge, evaluator, progress)
+    finally:
+        _close(rdb)
+
+
+def _write_report(run_dir: Path, rdb: RDBStorage, storage: str, study_name: str | None, top_k: int, test: bool,
+                  merge: bool, evaluator, progress: bool) -> Path:
+    study = load_evomerge_study(rdb, storage, study_name)
     run_dir.mkdir(parents=True, exist_ok=True)  # a study in a server database may have no run directory yet
     storage_url = _public_url(storage)
     config = study_config(study)
