@@ -61,6 +61,8 @@ class SearchConfig(StrictModel):
     seed: int = 0
     storage: str | None = None
     study_name: str | None = None
+    heartbeat_seconds: int = Field(default=10, ge=1)
+    grace_seconds: int = Field(default=40, ge=1)
     output_dir: str | None = None
     device: str = "cpu"
     threads: int | None = Field(default=None, ge=1)
@@ -71,6 +73,9 @@ class SearchConfig(StrictModel):
             raise ValueError("give n_trials, timeout or both")
         if len(set(self.models)) != len(self.models):
             raise ValueError("models: a model is listed twice")
+        if self.grace_seconds <= self.heartbeat_seconds:
+            raise ValueError(f"grace_seconds ({self.grace_seconds}) must exceed heartbeat_seconds "
+                             f"({self.heartbeat_seconds}): a live worker would look dead between two beats")
         return self
 
     @property

@@ -17,6 +17,7 @@ import sqlite3
 import time
 import warnings
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,6 @@ from search.space import Dimension, build_recipe, dimensions, handwritten_point,
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
-HEARTBEAT_SECONDS = 10
-GRACE_SECONDS = 40
 MAX_RETRY = 2
 REFRESH_SECONDS = 1.0  # how often a worker reads other workers' trials for its budget check and progress bar
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -62,12 +61,14 @@ def _sqlite_write_ahead_log(dbapi_connection, _record) -> None:
 
 
 def open_storage(config: SearchConfig) -> RDBStorage:
-    """An RDB storage with heartbeats, so trials of a killed worker are failed and retried."""
+    """An RDB storage with heartbeats, so trials of a killed worker are failed and retried (every worker of
+    a study should use the same heartbeat and grace settings)."""
     if config.storage is None:
         config.run_dir.mkdir(parents=True, exist_ok=True)
     for attempt in range(5):
         try:
-            return RDBStorage(config.storage_url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+            return RDBStorage(config.storage_url, heartbeat_interval=config.heartbeat_seconds,
+                              grace_period=config.grace_seconds,
                               heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
         except (IntegrityError, ProgrammingError):
             if attempt == 4:
@@ -115,18 +116,29 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def fail_orphaned_trials(study: optuna.Study) -> None:
+def fail_orphaned_trials(study: optuna.Study, grace_seconds: float) -> None:
     """Fail (and so retry) RUNNING trials of dead workers on this host at once, without waiting for the
-    heartbeat grace period; trials of other hosts are left to Optuna's stale-heartbeat check."""
+    heartbeat grace period; trials of other hosts (or of a hung worker) are failed by Optuna's
+    stale-heartbeat check once their heartbeat is older than the grace period. A trial whose worker died
+    between Optuna's ask and naming itself has neither a worker nor a heartbeat: it is failed once it is
+    older than the grace period. Run at start-up and during the search, by every worker: when two fail
+    the same trial, one wins and retries it."""
     host = socket.gethostname()
     storage = study._storage
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = trial.user_attrs.get("worker", "")
         worker_host, _, pid = worker.rpartition(":")
-        if worker_host == host and pid.isdigit() and not _alive(int(pid)):
-            storage.set_trial_user_attr(trial._trial_id, "fail_reason", f"worker {worker} died")
-            if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
-                RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, storage.get_trial(trial._trial_id))
+        dead = worker_host == host and pid.isdigit() and not _alive(int(pid))
+        unnamed = not worker and trial.datetime_start is not None and (
+            datetime.now() - trial.datetime_start).total_seconds() > grace_seconds
+        if dead or unnamed:
+            try:
+                storage.set_trial_user_attr(trial._trial_id, "fail_reason",
+                                            f"worker {worker} died" if dead else "its worker died before naming itself")
+                if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                    RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, storage.get_trial(trial._trial_id))
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass  # another worker failed it first, or its worker finished it meanwhile
     optuna.storages.fail_stale_trials(study)
 
 
@@ -136,9 +148,19 @@ def done_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 
 def budget_left(done: list[optuna.trial.FrozenTrial], config: SearchConfig, started: float) -> bool:
-    if config.timeout is not None and time.monotonic() - started >= config.timeout:
+    if _timed_out(config, started):
         return False
     return config.n_trials is None or len(done) < config.n_trials
+
+
+def _timed_out(config: SearchConfig, started: float) -> bool:
+    return config.timeout is not None and time.monotonic() - started >= config.timeout
+
+
+def _others_running(done: list[optuna.trial.FrozenTrial]) -> bool:
+    """Trials of other workers still count against the budget: if such a worker dies, its trial is
+    retried, and a worker that stopped now would leave the study a trial short."""
+    return any(t.state == TrialState.RUNNING for t in done)
 
 
 @dataclass
@@ -297,15 +319,23 @@ def _score_trial(study: optuna.Study, trial: optuna.Trial, bench: Workbench) -> 
                                            "eval_seconds": time.perf_counter() - merged})
             if value != value:
                 raise EvomergeError("the objective is NaN")
-            return study.tell(trial, value)
-        except KeyboardInterrupt:
-            trial.set_user_attr("fail_reason", "interrupted")
-            study.tell(trial, state=TrialState.FAIL)
+            return study.tell(trial, value, skip_if_finished=True)
+        except KeyboardInterrupt:  # a second Ctrl-C: the candidate is not at fault, so it is queued again
+            if study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
+                RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, _fail(study, trial, "interrupted"))
             raise
         except (Exception, MemoryError) as exc:
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            trial.set_user_attr("fail_reason", reason)
-            return study.tell(trial, state=TrialState.FAIL)
+            return _fail(study, trial, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+
+
+def _fail(study: optuna.Study, trial: optuna.Trial, reason: str) -> optuna.trial.FrozenTrial:
+    """Fail the trial with its reason, unless another worker already failed it (taking its heartbeat
+    for a dead worker's) and queued its retry: then this result is dropped."""
+    try:
+        trial.set_user_attr("fail_reason", reason)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        pass
+    return study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
 
 
 def _set_user_attrs(study: optuna.Study, trial: optuna.Trial, attrs: dict[str, Any]) -> None:
@@ -349,7 +379,7 @@ def search(config: SearchConfig, *, config_dir: Path | None = None, evaluator=No
     config = self_contained(config, config_dir)
     bench = open_workbench(config, config_dir, evaluator)
     study = create_study(config, bench)
-    fail_orphaned_trials(study)
+    fail_orphaned_trials(study, config.grace_seconds)
     baselines = score_baselines(study, bench)
     stop = _StopFlag()
     previous = signal.signal(signal.SIGINT, stop)
@@ -357,16 +387,24 @@ def search(config: SearchConfig, *, config_dir: Path | None = None, evaluator=No
     try:
         with _progress(progress, config, baselines) as report:
             done, read_at = done_trials(study), time.monotonic()
+            checked_at = read_at
             while not stop.requested:
+                if time.monotonic() - checked_at >= config.heartbeat_seconds:
+                    fail_orphaned_trials(study, config.grace_seconds)  # dead workers' trials, during the run
+                    checked_at, read_at = time.monotonic(), 0.0
                 if not budget_left(done, config, started):
+                    fail_orphaned_trials(study, config.grace_seconds)
                     done = done_trials(study)  # what was read last may be stale: confirm before stopping
                     if not budget_left(done, config, started):
-                        break
+                        if _timed_out(config, started) or not _others_running(done):
+                            break
+                        time.sleep(REFRESH_SECONDS)  # until those trials end, or their workers die
+                        continue
                 refresh = time.monotonic() - read_at >= REFRESH_SECONDS
                 frozen, done = run_trial(study, bench, done, refresh)
                 read_at = time.monotonic() if refresh else read_at
                 if frozen is None:
-                    break
+                    continue  # another worker took the last slot; it may yet die
                 report(done, frozen)
                 if on_trial:
                     on_trial(study, frozen)
