@@ -9,7 +9,8 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from merge_core.errors import EvomergeError
-from merge_core.methods import get_method
+from merge_core.methods import REQUIRED, get_method
+from merge_core.plan import DEFAULT_MODEL_PARAMS
 from merge_core.recipe import StrictModel, describe_validation_error, read_yaml_mapping, validate
 
 # A device the merge and the evaluator both accept: ``cpu``, ``cuda`` or ``cuda:N``.
@@ -131,6 +132,11 @@ def check_method_parameters(config: SearchConfig) -> None:
                                     f"(it has: {', '.join(sorted(known))})")
     if not config.parameters:
         raise EvomergeError("parameters: nothing to search (give at least one parameter with low/high)")
+    defaults = {**method.model_params, **method.params, **DEFAULT_MODEL_PARAMS.get(method.name, {})}
+    for name, default in defaults.items():
+        if default is REQUIRED and name not in config.parameters and name not in config.fixed:
+            raise EvomergeError(f"parameters.{name}: {config.method} needs {name}: "
+                                f"search it (parameters) or fix it (fixed)")
     for name in config.fixed:
         if name in config.parameters:
             raise EvomergeError(f"fixed.{name}: also searched under parameters (fix it or search it, not both)")

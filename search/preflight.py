@@ -73,7 +73,7 @@ def _sqlite_file(url: str) -> Path | None:
 
 def check_storage(config: SearchConfig) -> None:
     """The storage URL parses, its driver is installed, and the database is reachable and sound: an SQLite
-    file is checked read-only (``quick_check``), another database by opening one connection."""
+    file is read through (``quick_check``, nothing written), another database is connected to once."""
     from sqlalchemy import create_engine
     from sqlalchemy.exc import ArgumentError
     from sqlalchemy.engine import make_url
@@ -108,7 +108,7 @@ def check_storage(config: SearchConfig) -> None:
         raise EvomergeError(f"{field}: {path} is not a file")
     check_writable_dir(path.parent, field)
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        db = sqlite3.connect(path)  # read-only would leave -wal/-shm files of a WAL database behind
         try:
             result = db.execute("PRAGMA quick_check").fetchone()
         finally:
