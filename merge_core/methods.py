@@ -128,6 +128,8 @@ def get_method(name: str) -> MergeMethod:
 
 
 def _count_phrase(low: int, high: int | None, what: str) -> str:
+    if high == low == 1:
+        return f"exactly 1 {what.removesuffix('s')}"
     if high == low:
         return f"exactly {low} {what}"
     return f"at least {low} {what}" if high is None else f"{low} to {high} {what}"

@@ -106,7 +106,7 @@ CASES = {
         "parameters.weight: ties needs weight", None),
     "nothing to search": ({"parameters": {}}, [], "parameters: nothing to search", None),
     "empty range": ({"parameters": {"weight": {"low": 1, "high": 1}}}, [], "must be below high", None),
-    "infinite bound": ({"parameters": {"weight": {"low": "-.inf", "high": 1}}}, [], "parameters.weight.low", None),
+    "infinite bound": ({"parameters": {"weight": {"low": float("-inf"), "high": 1}}}, [], "parameters.weight.low", None),
     "reserved group name": (
         {"parameters": {"weight": {"low": 0, "high": 1, "granularity": "groups", "groups": ["mlp", "rest"]}}}, [],
         "parameters.weight.groups", None),
@@ -129,7 +129,8 @@ CASES = {
     "unknown storage dialect": ({"storage": "nosuchdb://host/x"}, [], "storage: ", None),
     "in-memory storage": ({"storage": "sqlite://"}, [], "in-memory", None),
     "unreachable PostgreSQL": (
-        {"storage": "postgresql://evomerge@127.0.0.1:1/nothing"}, [], "storage: postgresql://", None),
+        {"storage": "postgresql+psycopg2://evomerge@127.0.0.1:1/nothing"}, [], "cannot connect", None),
+    "database driver not installed": ({"storage": "mysql+nosuchdriver://u@localhost/x"}, [], "storage: ", None),
     "SQLite storage under a file": ({"storage": lambda fam: f"sqlite:///{fam['file']}/study.db"}, [], "storage: ",
                                     None),
     "corrupt study.db": ({}, [], "storage: ", "garbage"),
