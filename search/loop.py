@@ -8,6 +8,7 @@ workers), so a search resumes after a crash and several processes can share one 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -37,6 +38,7 @@ from merge_core.errors import EvomergeError
 from merge_core.memory import TensorSource
 from merge_core.recipe import load_recipe
 from search.config import SearchConfig
+from search.preflight import preflight, root_cause, sqlite_file
 from search.space import Dimension, build_recipe, dimensions, handwritten_point, model_labels
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -70,6 +72,8 @@ def open_storage(config: SearchConfig) -> RDBStorage:
     """An RDB storage with heartbeats, so trials of a killed worker are failed and retried."""
     if config.storage is None:
         config.run_dir.mkdir(parents=True, exist_ok=True)
+    elif (db := sqlite_file(config.storage_url)) is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)  # SQLite creates the file, not its directory
     for attempt in range(5):
         try:
             return RDBStorage(config.storage_url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
@@ -360,19 +364,18 @@ def _version() -> str:
 
 def _new_paths(config: SearchConfig) -> list[Path]:
     """The run directory levels and SQLite files a start would create: what a failed start removes."""
-    from search.preflight import _sqlite_file
-
-    db = _sqlite_file(config.storage_url)
-    paths = [p for p in [config.run_dir, *config.run_dir.parents] if not p.exists()]
+    db = sqlite_file(config.storage_url)
+    made = config.run_dir if config.storage is None else db.parent if db is not None else None
+    paths = [p for p in ([made, *made.parents] if made else []) if not p.exists()]
     if db is not None and not db.exists():
         paths = [db, Path(f"{db}-wal"), Path(f"{db}-shm"), *paths]
     return paths
 
 
-def _fresh(study: optuna.Study | None, created: list[Path]) -> bool:
+def _fresh(study: optuna.Study | None, config: SearchConfig, created: list[Path]) -> bool:
     """Whether a failed start made the study: it created its database, or the study has not run a trial
     (only the enqueued hand-written one waits), so nothing but the stored config would be lost."""
-    if study is None or any(p.suffix == ".db" for p in created):
+    if study is None or sqlite_file(config.storage_url) in created:
         return True
     try:
         return all(t.state == TrialState.WAITING for t in study.get_trials(deepcopy=False))
@@ -383,24 +386,18 @@ def _fresh(study: optuna.Study | None, created: list[Path]) -> bool:
 def _discard(study: optuna.Study | None, config: SearchConfig, created: list[Path]) -> None:
     """Undo a failed start: delete the study it created and the files and directories it made."""
     storage = getattr(study._storage, "_backend", study._storage) if study is not None else None
-    try:
-        if study is not None:
+    if study is not None:
+        with contextlib.suppress(Exception):  # the storage may be what failed: its new file goes below
             optuna.delete_study(study_name=study.study_name, storage=study._storage)
-    except Exception:
-        pass  # the storage is what failed: removing its new file below is all there is to do
     if isinstance(storage, RDBStorage):
         storage.engine.dispose()
     for path in created:  # files first, then directories from the deepest
-        try:
+        with contextlib.suppress(OSError):
             path.rmdir() if path.is_dir() else path.unlink(missing_ok=True)
-        except OSError:
-            pass
 
 
 def _storage_failure(config: SearchConfig, exc: BaseException) -> EvomergeError:
-    from search.preflight import _root_cause
-
-    return EvomergeError(f"storage {config.storage_url}: {_root_cause(exc)}")
+    return EvomergeError(f"storage {config.storage_url}: {root_cause(exc)}")
 
 
 def _check_repeated_failure(recent: list[str], frozen: optuna.trial.FrozenTrial) -> None:
@@ -420,8 +417,6 @@ def search(config: SearchConfig, *, config_dir: Path | None = None, evaluator=No
 
     Everything ``evomerge validate`` checks is checked before the storage is touched; a start that fails
     later (a baseline that cannot be scored) leaves no study, file or directory it created behind."""
-    from search.preflight import preflight
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     config = self_contained(config, config_dir)
     evaluator = preflight(config, config_dir, evaluator).evaluator
@@ -432,9 +427,13 @@ def search(config: SearchConfig, *, config_dir: Path | None = None, evaluator=No
         fail_orphaned_trials(study)
         baselines = score_baselines(study, bench)
     except Exception as exc:
-        if _fresh(study, created):
+        if _fresh(study, config, created):
             _discard(study, config, created)
-        raise _storage_failure(config, exc) if isinstance(exc, STORAGE_ERRORS) else exc
+        if isinstance(exc, STORAGE_ERRORS):
+            raise _storage_failure(config, exc) from None
+        if isinstance(exc, EvomergeError):
+            raise
+        raise EvomergeError(f"scoring the baselines failed: {type(exc).__name__}: {exc}".splitlines()[0]) from None
     try:
         return _optimize(study, bench, config, baselines, progress, on_trial)
     except STORAGE_ERRORS as exc:
@@ -506,8 +505,6 @@ class _progress:
 def check_config(config: SearchConfig, config_dir: Path | None = None) -> dict[str, Any]:
     """What ``evomerge validate`` checks without running (``search.preflight``, the checks ``search`` runs
     before touching its storage). Returns a summary for display."""
-    from search.preflight import preflight
-
     config = self_contained(config, config_dir)
     checked = preflight(config, config_dir)
     evaluator = checked.evaluator

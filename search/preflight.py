@@ -62,7 +62,7 @@ def check_writable_dir(path: Path, field: str) -> None:
         raise EvomergeError(f"{field}: {path} is not writable" + ("" if existing == path else f" ({existing} is not)"))
 
 
-def _sqlite_file(url: str) -> Path | None:
+def sqlite_file(url: str) -> Path | None:
     from sqlalchemy.engine import make_url
 
     parsed = make_url(url)
@@ -75,8 +75,8 @@ def check_storage(config: SearchConfig) -> None:
     """The storage URL parses, its driver is installed, and the database is reachable and sound: an SQLite
     file is read through (``quick_check``, nothing written), another database is connected to once."""
     from sqlalchemy import create_engine
-    from sqlalchemy.exc import ArgumentError
     from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
 
     url = config.storage_url
     field = "storage" if config.storage else "output_dir"
@@ -94,11 +94,11 @@ def check_storage(config: SearchConfig) -> None:
             with engine.connect():
                 pass
         except Exception as exc:
-            raise EvomergeError(f"storage: {url}: cannot connect ({_root_cause(exc)})") from None
+            raise EvomergeError(f"storage: {url}: cannot connect ({root_cause(exc)})") from None
         finally:
             engine.dispose()
         return
-    path = _sqlite_file(url)
+    path = sqlite_file(url)
     if path is None:
         raise EvomergeError(f"storage: {url}: an in-memory database cannot hold a study (give a file)")
     if not path.exists():
@@ -119,7 +119,7 @@ def check_storage(config: SearchConfig) -> None:
         raise EvomergeError(f"storage: {path} is a damaged SQLite database ({result[0] if result else 'empty'})")
 
 
-def _root_cause(exc: BaseException) -> str:
+def root_cause(exc: BaseException) -> str:
     while exc.__cause__ is not None or exc.__context__ is not None:
         exc = exc.__cause__ or exc.__context__
     text = str(exc).strip().splitlines()
@@ -176,8 +176,20 @@ def _corners(config: SearchConfig, dims: list[Dimension], start: dict[str, float
             yield f"parameters: every {end}", {d.key: getattr(config.parameters[d.param], end) for d in dims}
 
 
+def check_groups(config: SearchConfig, names: list[str]) -> None:
+    """A group (a tensor-name substring, as mergekit filters) that matches no tensor would be a dimension
+    the sampler moves without any effect."""
+    for param, spec in config.parameters.items():
+        if spec.granularity != "groups":
+            continue
+        for group in spec.groups:
+            if group != "*" and not any(group in name for name in names):
+                raise EvomergeError(f"parameters.{param}.groups: {group!r} matches no tensor name of the base_model")
+
+
 def check_recipes(config: SearchConfig, dims: list[Dimension], num_layers: int, readers) -> int:
     """Plan (never merge) the hand-written recipe and the corners of the space. Returns its tensor count."""
+    check_groups(config, readers[config.base_model].names)
     start = handwritten_point(config, dims)
     plan = plan_merge(load_recipe(build_recipe(config, dims, start, num_layers)), readers)
     for label, point in _corners(config, dims, start):
@@ -186,6 +198,31 @@ def check_recipes(config: SearchConfig, dims: list[Dimension], num_layers: int, 
         except EvomergeError as exc:
             raise EvomergeError(f"{label}: {exc}") from None
     return len(plan.jobs)
+
+
+def check_live_model(config: SearchConfig, path: str) -> None:
+    """The base is also the live model and its tokenizer: transformers must know its architecture and
+    load its tokenizer."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    for what, load in (("config", AutoConfig.from_pretrained), ("tokenizer", AutoTokenizer.from_pretrained)):
+        try:
+            load(path)
+        except Exception as exc:
+            raise EvomergeError(f"base_model: {config.base_model}: transformers cannot load its {what} "
+                                f"({type(exc).__name__}: {root_cause(exc)})") from None
+
+
+def build_checked_evaluator(config: SearchConfig) -> Any:
+    from search.loop import build_evaluator
+
+    try:
+        return build_evaluator(config)
+    except EvomergeError:
+        raise
+    except Exception as exc:  # lm-eval refusing a task YAML
+        names = ", ".join(t.name for t in config.tasks)
+        raise EvomergeError(f"tasks: {names}: {type(exc).__name__}: {root_cause(exc)}") from None
 
 
 def check_tasks(config: SearchConfig, evaluator: Any) -> None:
@@ -204,16 +241,15 @@ def check_tasks(config: SearchConfig, evaluator: Any) -> None:
 
 def preflight(config: SearchConfig, config_dir: Path | None = None, evaluator: Any = None) -> Preflight:
     """All checks, cheapest first; ``evaluator`` (else one built from the config) is checked and kept."""
-    from search.loop import build_evaluator
-
     check_device(config.device)
     check_writable_dir(config.run_dir, "output_dir")
     check_storage(config)
     paths = {ref: str(resolve_model_path(ref, config_dir)) for ref in [config.base_model, *config.models]}
     readers = {ref: CheckpointReader(path) for ref, path in paths.items()}
     num_layers = check_models(config, paths, readers)
+    check_live_model(config, paths[config.base_model])
     dims = dimensions(config, num_layers)
     tensors = check_recipes(config, dims, num_layers, readers)
-    evaluator = evaluator or build_evaluator(config)
+    evaluator = evaluator or build_checked_evaluator(config)
     check_tasks(config, evaluator)
     return Preflight(paths, num_layers, dims, tensors, evaluator)

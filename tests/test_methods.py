@@ -334,9 +334,11 @@ def test_valid_model_counts_pass():
 class _ShapesOnly:
     """A two-layer model that planning can read: names, shapes and a config, no tensor data."""
 
-    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2,
-              "vocab_size": 8, "hidden_size": 4}
-    names = ["model.embed_tokens.weight", "model.layers.0.mlp.weight", "model.layers.1.mlp.weight", "lm_head.weight"]
+    def __init__(self):
+        self.config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2,
+                       "vocab_size": 8, "hidden_size": 4}
+        self.names = ["model.embed_tokens.weight", "model.layers.0.mlp.weight", "model.layers.1.mlp.weight",
+                      "lm_head.weight"]
 
     def shape(self, name):
         return (8, 4) if "embed" in name or "lm_head" in name else (4, 4)

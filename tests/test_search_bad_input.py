@@ -49,6 +49,11 @@ def fam(tmp_path_factory):
     weights = truncated / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1000])
     paths["truncated"] = str(truncated)
+    untokenized = root / "untokenized"
+    shutil.copytree(paths["base"], untokenized)
+    for tokenizer_file in untokenized.glob("tokenizer*"):
+        tokenizer_file.unlink()
+    paths["untokenized"] = str(untokenized)
     paths["file"] = str(root / "a_file")
     Path(paths["file"]).write_text("not a directory")
     return paths
@@ -88,6 +93,7 @@ CASES = {
     "source whose config disagrees with its tensors": (
         {"models": ["ft1", "lying"]}, [], "config.json says hidden_size=64", None),
     "truncated weights": ({"models": ["ft1", "truncated"]}, [], "truncated", None),
+    "base without a tokenizer": ({"base_model": "untokenized"}, [], "base_model: ", None),
     "missing model": ({"models": ["ft1", "nowhere"]}, [], "nowhere", None),
     "same model through another path spelling": ({"models": ["ft1", "ft1/../ft1"]}, [], "are the same model", None),
     "base among the models of a base-relative method": ({"models": ["ft1", "base"]}, [], "is the base_model", None),
@@ -110,6 +116,9 @@ CASES = {
     "reserved group name": (
         {"parameters": {"weight": {"low": 0, "high": 1, "granularity": "groups", "groups": ["mlp", "rest"]}}}, [],
         "parameters.weight.groups", None),
+    "group matching no tensor": (
+        {"parameters": {"weight": {"low": 0, "high": 1, "granularity": "groups", "groups": ["mlp", "atention"]}}}, [],
+        "parameters.weight.groups: 'atention' matches no tensor name", None),
     "unknown key": ({"n_trails": 5}, [], "n_trails", None),
     "zero trials": ({"n_trials": 0}, [], "n_trials", None),
     "no budget": ({"n_trials": None}, [], "give n_trials, timeout or both", None),
@@ -271,13 +280,15 @@ def test_trials_of_dead_or_interrupted_workers_do_not_count_against_the_budget()
     assert not counts(trial(TrialState.WAITING)) and not counts(trial(TrialState.PRUNED))
 
 
+@pytest.mark.parametrize("storage", [None, "sqlite:///{tmp}/new/dir/s.db"])
 def test_a_start_failing_in_the_baselines_leaves_no_study_and_the_fixed_rerun_stores_its_own_config(
-        fam, tmp_path):
+        fam, tmp_path, storage):
+    storage = storage and storage.format(tmp=tmp_path)
     failing = Evaluator(lambda call: EvomergeError("task 'zoo_cap' has no metric 'score'"))
     with pytest.raises(EvomergeError, match="no metric"):
-        search(config_for(fam, tmp_path, n_trials=2), evaluator=failing, progress=False)
-    assert not (tmp_path / "run").exists()
-    fixed = config_for(fam, tmp_path, n_trials=2, seed=7)
+        search(config_for(fam, tmp_path, n_trials=2, storage=storage), evaluator=failing, progress=False)
+    assert not list(tmp_path.iterdir())
+    fixed = config_for(fam, tmp_path, n_trials=2, seed=7, storage=storage)
     study = search(fixed, evaluator=Evaluator(), progress=False)
     assert study.user_attrs["config"]["seed"] == 7
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 2
