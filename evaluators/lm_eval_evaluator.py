@@ -157,6 +157,11 @@ class LmEvalEvaluator:
         """The lm-eval ``Task`` objects, by name (groups expanded)."""
         return dict(self._tasks)
 
+    @property
+    def metric_names(self) -> dict[str, list[str]]:
+        """The metrics each task's scores will hold, by task name, known before anything is scored."""
+        return {name: list(metrics) for name, metrics in self._metrics.items()}
+
     def _configure(self, num_fewshot: int | None, gen_kwargs: dict[str, Any] | None) -> None:
         """The overrides ``simple_evaluate`` applies, applied once."""
         gen_kwargs = dict(gen_kwargs or {})

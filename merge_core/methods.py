@@ -139,22 +139,30 @@ def get_method(name: str) -> MergeMethod:
 
 
 def _count_phrase(low: int, high: int | None, what: str) -> str:
+    if high == low == 1:
+        return f"exactly 1 {what.removesuffix('s')}"
     if high == low:
         return f"exactly {low} {what}"
     return f"at least {low} {what}" if high is None else f"{low} to {high} {what}"
 
 
-def check_inputs(method: MergeMethod, n_models: int, has_base: bool) -> None:
-    """Refuse a model list the method cannot merge, as one line (mergekit's InputContract rules)."""
+def check_inputs(method: MergeMethod, n_models: int, has_base: bool, where: str = "") -> None:
+    """Refuse a model list the method cannot merge, as one line (mergekit's InputContract rules).
+
+    The one place the per-method limits registered above (``requires_base``, ``min_models``/``max_models``,
+    ``min_non_base``/``max_non_base``) are enforced: the planner calls it for every slice of every merge, so
+    ``evomerge merge``, each search candidate and ``evomerge validate`` refuse the same recipes.
+    """
+    at = f" in {where}" if where else ""
     if method.requires_base and not has_base:
-        raise EvomergeError(f"{method.name} needs a base_model")
+        raise EvomergeError(f"{method.name} needs a base_model{at}")
     if not method.min_models <= n_models <= (method.max_models or n_models):
         raise EvomergeError(f"{method.name} needs {_count_phrase(method.min_models, method.max_models, 'models')}"
-                            f" (base included), got {n_models}")
+                            f" (base included), got {n_models}{at}")
     others = n_models - (has_base and not method.base_is_input)
     if not method.min_non_base <= others <= (method.max_non_base or others):
         raise EvomergeError(f"{method.name} needs {_count_phrase(method.min_non_base, method.max_non_base, 'models')}"
-                            f" besides the base, got {others}")
+                            f" besides the base, got {others}{at}")
 
 
 def _float_dtype(t: Tensor) -> torch.dtype:

@@ -14,7 +14,7 @@ import torch
 from merge_core.architecture import (count_layers, is_embedding, is_pre_weight, parse_layer,
                                      tied_embedding_name, with_layer_count)
 from merge_core.errors import EvomergeError
-from merge_core.methods import REQUIRED, MergeMethod, get_method
+from merge_core.methods import REQUIRED, MergeMethod, check_inputs, get_method
 from merge_core.params import resolve
 from merge_core.recipe import InputSlice, OutputSlice, Recipe
 
@@ -105,19 +105,11 @@ def _slice_base(method: MergeMethod, recipe: Recipe, out_slice: OutputSlice, whe
     base = out_slice.base_model or recipe.base_model
     if base is None and method.name in FIRST_MODEL_IS_BASE:
         base = models[0]
-    if method.requires_base and base is None:
-        raise EvomergeError(f"{method.name} needs a base_model")
     if base is not None and base not in models:
         if method.requires_base:
             raise EvomergeError(f"{where}: base_model {base} is not among the slice's sources")
         base = None
-    n_inputs = len(models)
-    if n_inputs < method.min_models or (method.max_models is not None and n_inputs > method.max_models):
-        want = (f"exactly {method.min_models}" if method.min_models == method.max_models
-                else f"at least {method.min_models}" if method.max_models is None
-                else f"{method.min_models} to {method.max_models}")
-        raise EvomergeError(f"{method.name} needs {want} models{' (base included)' if base else ''}, "
-                            f"got {n_inputs} in {where}")
+    check_inputs(method, len(models), base is not None, where)
     return base
 
 
@@ -125,6 +117,10 @@ def _check_layer_range(src: InputSlice, source: Source) -> None:
     n = count_layers(source.names, source.config, src.model)
     if src.layer_range[1] > n:
         raise EvomergeError(f"layer_range {list(src.layer_range)} of {src.model} is beyond its {n} layers")
+
+
+def _hidden_key(config: dict) -> str | None:
+    return next((k for k in ("hidden_size", "n_embd", "d_model") if isinstance(config.get(k), int)), None)
 
 
 class _Planner:
@@ -155,7 +151,7 @@ class _Planner:
         for m, shape in zip(models[1:], shapes[1:]):
             if shape != shapes[0]:
                 hint = (" (vocabulary sizes differ: add a tokenizer_source or tokenizer block)"
-                        if is_embedding(out_name) else "")
+                        if is_embedding(out_name) and shape[1:] == shapes[0][1:] else "")
                 raise EvomergeError(f"tensor {out_name}: shape {list(shapes[0])} in {models[0]} "
                                     f"but {list(shape)} in {m}{hint}")
         base_index = models.index(base) if base in models else None
@@ -169,8 +165,24 @@ class _Planner:
                 values[pname] = resolve(pname, default, scopes[i], n, t, model=m)
             model_params.append(values)
         params = {p: resolve(p, d, slice_scopes, out_name, t) for p, d in self.method.params.items()}
+        if self.method.check is not None:
+            self.method.check(model_params, params)
         self.jobs.append(TensorJob(out_name, models, names, base_index, model_params, params,
                                    tuple(shapes[0]), is_embedding(out_name), permute))
+
+    def check_configs_match_weights(self) -> None:
+        """A config.json that disagrees with its own tensors (another vocabulary or hidden size) would build
+        a live model or an output config that the merged weights do not fit."""
+        for ref, source in self.sources.items():
+            embedding = tied_embedding_name(source.names)
+            shape = tuple(source.shape(embedding)) if embedding else ()
+            if len(shape) != 2:
+                continue
+            for key, size in (("vocab_size", shape[0]), (_hidden_key(source.config), shape[1])):
+                said = source.config.get(key) if key else None
+                if isinstance(said, int) and said != size:
+                    raise EvomergeError(f"{ref}: config.json says {key}={said} but its {embedding} is "
+                                        f"{list(shape)}")
 
     def check_architectures(self) -> None:
         kinds = {ref: (s.config.get("model_type"), tuple(s.config.get("architectures") or ())) for ref, s in
@@ -183,6 +195,7 @@ class _Planner:
 
     def plan(self) -> MergePlan:
         self.check_architectures()
+        self.check_configs_match_weights()
         slices = _normalized_slices(self.recipe, self.sources)
         bases = []
         for i, s in enumerate(slices):

@@ -56,12 +56,12 @@ def _add_merge(sub) -> None:
 def _search_config(args: argparse.Namespace):
     from pathlib import Path
 
-    from search.config import load_search_config
+    from search.config import load_search_config, with_overrides
 
     config = load_search_config(args.config)
-    overrides = {k: v for k, v in {"storage": args.storage, "n_trials": args.n_trials, "timeout": args.timeout,
-                                   "device": args.device, "study_name": args.study_name}.items() if v is not None}
-    return config.model_copy(update=overrides), Path(args.config).parent
+    flags = {"--storage": args.storage, "--n-trials": args.n_trials, "--timeout": args.timeout,
+             "--device": args.device, "--study-name": args.study_name}
+    return with_overrides(config, flags), Path(args.config).parent
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -70,6 +70,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     config, config_dir = _search_config(args)
     study = search(config, config_dir=config_dir, progress=not args.quiet)
     _print_outcome(study)
+    _require_complete_trial(study)
     if not args.no_report:
         from search.report import write_report
 
@@ -92,6 +93,17 @@ def _print_outcome(study) -> None:
     best_source = max(((v["objective"], k) for k, v in baselines.items()), default=(float("nan"), "?"))
     print(f"{len(complete)} trials complete, {len(failed)} failed; best trial {best.number}: {best.value:.4f} "
           f"(best source {best_source[1]}: {best_source[0]:.4f})")
+
+
+def _require_complete_trial(study) -> None:
+    """A search that completed no trial has no best recipe to report: an error, with the last reason."""
+    from optuna.trial import TrialState
+
+    if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        return
+    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    last = f"; last failure: {failed[-1].user_attrs['fail_reason']}" if failed and "fail_reason" in failed[-1].user_attrs else ""
+    raise EvomergeError(f"no trial completed ({len(failed)} failed{last}): no best recipe to report")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from merge_core.errors import EvomergeError
-from merge_core.methods import get_method
-from merge_core.recipe import StrictModel, read_yaml_mapping, validate
+from merge_core.methods import REQUIRED, get_method
+from merge_core.plan import DEFAULT_MODEL_PARAMS
+from merge_core.recipe import StrictModel, describe_validation_error, read_yaml_mapping, validate
+
+# A device the merge and the evaluator both accept: ``cpu``, ``cuda`` or ``cuda:N``.
+DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 
 class SearchedParameter(StrictModel):
@@ -20,11 +25,20 @@ class SearchedParameter(StrictModel):
     (``points`` control points interpolated over depth, like a mergekit gradient).
     """
 
-    low: float
-    high: float
+    low: float = Field(allow_inf_nan=False)
+    high: float = Field(allow_inf_nan=False)
     granularity: Literal["global", "groups", "blocks", "curve"] = "global"
     points: int = Field(default=3, ge=2, le=16)
     groups: list[str] = Field(default_factory=lambda: ["self_attn", "mlp"])
+
+    @field_validator("groups")
+    @classmethod
+    def _distinct_groups(cls, groups: list[str]) -> list[str]:
+        """Each group is one dimension named after it; ``rest`` is the dimension of the other tensors."""
+        for g in groups:
+            if not g or g == "rest" or groups.count(g) > 1:
+                raise ValueError(f"group {g!r} is empty, reserved (rest) or listed twice")
+        return groups
 
     @model_validator(mode="after")
     def _ordered(self):
@@ -34,15 +48,15 @@ class SearchedParameter(StrictModel):
 
 
 class TaskSpec(StrictModel):
-    name: str
-    weight: float = Field(default=1.0, gt=0)
-    metric: str | None = None
+    name: str = Field(min_length=1)
+    weight: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    metric: str | None = Field(default=None, min_length=1)
 
 
 class SearchConfig(StrictModel):
     """Everything ``evomerge search`` needs; see the README's search config reference."""
 
-    name: str = "search"
+    name: str = Field(default="search", min_length=1)
     base_model: str
     models: list[str] = Field(min_length=1)
     method: str = "ties"
@@ -57,15 +71,30 @@ class SearchConfig(StrictModel):
     batch_size: int = Field(default=64, ge=1)
     sampler: Literal["cmaes", "tpe", "random"] = "cmaes"
     n_trials: int | None = Field(default=60, ge=1)
-    timeout: float | None = Field(default=None, gt=0)
-    seed: int = 0
-    storage: str | None = None
-    study_name: str | None = None
+    timeout: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)  # the samplers' NumPy seeds
+    storage: str | None = Field(default=None, min_length=1)
+    study_name: str | None = Field(default=None, min_length=1)
     heartbeat_seconds: int = Field(default=10, ge=1)
     grace_seconds: int = Field(default=40, ge=1)
-    output_dir: str | None = None
+    output_dir: str | None = Field(default=None, min_length=1)
     device: str = "cpu"
     threads: int | None = Field(default=None, ge=1)
+
+    @field_validator("name")
+    @classmethod
+    def _one_directory(cls, name: str) -> str:
+        """The run directory is ``results/<name>``: the name must stay one directory below it."""
+        if name in (".", "..") or any(c in name for c in "/\\\0"):
+            raise ValueError(f"{name!r} must be usable as one directory name (no /, \\, . or ..)")
+        return name
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        if not DEVICE.fullmatch(device):
+            raise ValueError(f"use cpu, cuda or cuda:N, not {device!r}")
+        return device
 
     @model_validator(mode="after")
     def _budget(self):
@@ -76,6 +105,9 @@ class SearchConfig(StrictModel):
         if self.grace_seconds <= self.heartbeat_seconds:
             raise ValueError(f"grace_seconds ({self.grace_seconds}) must exceed heartbeat_seconds "
                              f"({self.heartbeat_seconds}): a live worker would look dead between two beats")
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tasks: task {next(n for n in names if names.count(n) > 1)!r} is listed twice")
         return self
 
     @property
@@ -93,7 +125,10 @@ class SearchConfig(StrictModel):
 
 def check_method_parameters(config: SearchConfig) -> None:
     """Searched and fixed parameters must be parameters of the method (per-model or global)."""
-    method = get_method(config.method)
+    try:
+        method = get_method(config.method)
+    except EvomergeError as exc:
+        raise EvomergeError(f"method: {str(exc).removeprefix('merge_method: ')}") from None
     known = {**method.model_params, **method.params}
     for where, names in (("parameters", config.parameters), ("fixed", config.fixed)):
         for name in names:
@@ -102,6 +137,38 @@ def check_method_parameters(config: SearchConfig) -> None:
                                     f"(it has: {', '.join(sorted(known))})")
     if not config.parameters:
         raise EvomergeError("parameters: nothing to search (give at least one parameter with low/high)")
+    defaults = {**method.model_params, **method.params, **DEFAULT_MODEL_PARAMS.get(method.name, {})}
+    for name, default in defaults.items():
+        if default is REQUIRED and name not in config.parameters and name not in config.fixed:
+            raise EvomergeError(f"parameters.{name}: {config.method} needs {name}: "
+                                f"search it (parameters) or fix it (fixed)")
+    for name in config.fixed:
+        if name in config.parameters:
+            raise EvomergeError(f"fixed.{name}: also searched under parameters (fix it or search it, not both)")
+
+
+# Command-line flags of ``evomerge search``/``validate`` and the config fields they override.
+FLAG_FIELDS = {"--storage": "storage", "--study-name": "study_name", "--n-trials": "n_trials",
+               "--timeout": "timeout", "--device": "device"}
+
+
+def with_overrides(config: SearchConfig, flags: dict[str, object], where: str = "command line") -> SearchConfig:
+    """``config`` with the given ``{flag: value}`` overrides, validated like the YAML: a bad value is one
+    line naming the flag (``--n-trials: ...``); None leaves the field as the config has it."""
+    updates = {FLAG_FIELDS[flag]: value for flag, value in flags.items() if value is not None}
+    if not updates:
+        return config
+    try:
+        merged = SearchConfig.model_validate({**config.model_dump(), **updates})
+    except ValidationError as exc:
+        field = str(exc.errors()[0]["loc"][0]) if exc.errors()[0]["loc"] else ""
+        flag = next((f for f, name in FLAG_FIELDS.items() if name == field and name in updates), None)
+        message = describe_validation_error(exc)
+        if flag:
+            raise EvomergeError(f"{flag}: {message.removeprefix(field + ': ')}") from None
+        raise EvomergeError(f"{where}: {message}") from None
+    check_method_parameters(merged)
+    return merged
 
 
 def load_search_config(path: str | Path) -> SearchConfig:

@@ -8,6 +8,7 @@ workers), so a search resumes after a crash and several processes can share one 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -28,7 +29,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.trial import TrialState
 from sqlalchemy import event
-from sqlalchemy.exc import IntegrityError, ProgrammingError
+from sqlalchemy.exc import IntegrityError, ProgrammingError, SQLAlchemyError
 from sqlalchemy.engine import Engine
 
 from merge_core.architecture import count_layers
@@ -38,6 +39,7 @@ from merge_core.errors import EvomergeError
 from merge_core.memory import TensorSource
 from merge_core.recipe import load_recipe
 from search.config import SearchConfig
+from search.preflight import preflight, root_cause, sqlite_file
 from search.space import Dimension, build_recipe, dimensions, handwritten_point, model_labels
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -49,6 +51,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # Whole-tensor precomputations a search keeps (task vectors, plus sorted magnitudes for float32): all of a
 # small family's, about half of three 1B bf16 fine-tunes' task vectors; the rest streams per trial.
 PRECOMPUTE_BYTES = 4 << 30
+# A search stops (one line, exit 2) when this many candidates in a row fail for the same reason: a config
+# every candidate fails on would otherwise spend its whole budget, or with a timeout alone all of it.
+REPEATED_FAILURES = 5
+# Errors of the study's storage itself: the search stops on them rather than failing trials.
+STORAGE_ERRORS = (SQLAlchemyError, optuna.exceptions.StorageInternalError)
 
 
 @event.listens_for(Engine, "connect")
@@ -65,6 +72,8 @@ def open_storage(config: SearchConfig) -> RDBStorage:
     a study should use the same heartbeat and grace settings)."""
     if config.storage is None:
         config.run_dir.mkdir(parents=True, exist_ok=True)
+    elif (db := sqlite_file(config.storage_url)) is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)  # SQLite creates the file, not its directory
     for attempt in range(5):
         try:
             return RDBStorage(config.storage_url, heartbeat_interval=config.heartbeat_seconds,
@@ -142,9 +151,18 @@ def fail_orphaned_trials(study: optuna.Study, grace_seconds: float) -> None:
     optuna.storages.fail_stale_trials(study)
 
 
+def counts(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether a trial counts against ``n_trials``: complete, running, or failed because its candidate
+    failed (so a budget is always finite). A trial failed because its worker died or was interrupted
+    does not count: it is retried."""
+    return trial.state in (TrialState.COMPLETE, TrialState.RUNNING) or (
+        trial.state == TrialState.FAIL and bool(trial.user_attrs.get("candidate_failed")))
+
+
 def done_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """Complete and running trials: what counts against the budget."""
-    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+    """The trials that count against the budget (see ``counts``)."""
+    states = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.FAIL)
+    return [t for t in study.get_trials(deepcopy=False, states=states) if counts(t)]
 
 
 def budget_left(done: list[optuna.trial.FrozenTrial], config: SearchConfig, started: float) -> bool:
@@ -301,7 +319,7 @@ def run_trial(study: optuna.Study, bench: Workbench, known: list[optuna.trial.Fr
         return None, done
     frozen = _score_trial(study, trial, bench)
     others = [t for t in done if t.number != frozen.number]
-    return frozen, (others + [frozen] if frozen.state == TrialState.COMPLETE else others)
+    return frozen, (others + [frozen] if counts(frozen) else others)
 
 
 def _score_trial(study: optuna.Study, trial: optuna.Trial, bench: Workbench) -> optuna.trial.FrozenTrial:
@@ -324,15 +342,22 @@ def _score_trial(study: optuna.Study, trial: optuna.Trial, bench: Workbench) -> 
             if study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
                 RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, _fail(study, trial, "interrupted"))
             raise
+        except STORAGE_ERRORS:
+            raise  # not the candidate's fault: the trial stays running and is retried by another start
         except (Exception, MemoryError) as exc:
-            return _fail(study, trial, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            return _fail(study, trial, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                         candidate_failed=True)
 
 
-def _fail(study: optuna.Study, trial: optuna.Trial, reason: str) -> optuna.trial.FrozenTrial:
+def _fail(study: optuna.Study, trial: optuna.Trial, reason: str,
+          candidate_failed: bool = False) -> optuna.trial.FrozenTrial:
     """Fail the trial with its reason, unless another worker already failed it (taking its heartbeat
-    for a dead worker's) and queued its retry: then this result is dropped."""
+    for a dead worker's) and queued its retry: then this result is dropped. ``candidate_failed`` marks
+    a failure of the candidate itself, which counts against the budget (a dead worker's does not)."""
+    attrs = {"fail_reason": reason, **({"candidate_failed": True} if candidate_failed else {})}
     try:
-        trial.set_user_attr("fail_reason", reason)
+        for key, value in attrs.items():  # one by one: each write checks the trial is still running
+            trial.set_user_attr(key, value)
     except optuna.exceptions.UpdateFinishedTrialError:
         pass
     return study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
@@ -372,16 +397,88 @@ def _version() -> str:
     return version("evomerge")
 
 
+def _new_paths(config: SearchConfig) -> list[Path]:
+    """The run directory levels and SQLite files a start would create: what a failed start removes."""
+    db = sqlite_file(config.storage_url)
+    made = config.run_dir if config.storage is None else db.parent if db is not None else None
+    paths = [p for p in ([made, *made.parents] if made else []) if not p.exists()]
+    if db is not None and not db.exists():
+        paths = [db, Path(f"{db}-wal"), Path(f"{db}-shm"), *paths]
+    return paths
+
+
+def _fresh(study: optuna.Study | None, config: SearchConfig, created: list[Path]) -> bool:
+    """Whether a failed start made the study: it created its database, or the study has not run a trial
+    (only the enqueued hand-written one waits), so nothing but the stored config would be lost."""
+    if study is None or sqlite_file(config.storage_url) in created:
+        return True
+    try:
+        return all(t.state == TrialState.WAITING for t in study.get_trials(deepcopy=False))
+    except Exception:
+        return False
+
+
+def _discard(study: optuna.Study | None, config: SearchConfig, created: list[Path]) -> None:
+    """Undo a failed start: delete the study it created and the files and directories it made."""
+    storage = getattr(study._storage, "_backend", study._storage) if study is not None else None
+    if study is not None:
+        with contextlib.suppress(Exception):  # the storage may be what failed: its new file goes below
+            optuna.delete_study(study_name=study.study_name, storage=study._storage)
+    if isinstance(storage, RDBStorage):
+        storage.engine.dispose()
+    for path in created:  # files first, then directories from the deepest
+        with contextlib.suppress(OSError):
+            path.rmdir() if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _storage_failure(config: SearchConfig, exc: BaseException) -> EvomergeError:
+    return EvomergeError(f"storage {config.storage_url}: {root_cause(exc)}")
+
+
+def _check_repeated_failure(recent: list[str], frozen: optuna.trial.FrozenTrial) -> None:
+    """Stop when the last ``REPEATED_FAILURES`` candidates failed for one and the same reason."""
+    if frozen.state != TrialState.FAIL:
+        recent.clear()
+        return
+    recent.append(frozen.user_attrs.get("fail_reason", "?"))
+    del recent[:-REPEATED_FAILURES]
+    if len(recent) == REPEATED_FAILURES and len(set(recent)) == 1:
+        raise EvomergeError(f"stopped: the last {REPEATED_FAILURES} candidates all failed with {recent[0]}")
+
+
 def search(config: SearchConfig, *, config_dir: Path | None = None, evaluator=None, progress: bool = True,
            on_trial=None) -> optuna.Study:
-    """Run (or resume) the study until its budget is spent or the user stops it."""
+    """Run (or resume) the study until its budget is spent or the user stops it.
+
+    Everything ``evomerge validate`` checks is checked before the storage is touched; a start that fails
+    later (a baseline that cannot be scored) leaves no study, file or directory it created behind."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     config = self_contained(config, config_dir)
+    evaluator = preflight(config, config_dir, evaluator).evaluator
     bench = open_workbench(config, config_dir, evaluator)
-    study = create_study(config, bench)
-    fail_orphaned_trials(study, config.grace_seconds)
-    baselines = score_baselines(study, bench)
+    created, study = _new_paths(config), None
+    try:
+        study = create_study(config, bench)
+        fail_orphaned_trials(study, config.grace_seconds)
+        baselines = score_baselines(study, bench)
+    except Exception as exc:
+        if _fresh(study, config, created):
+            _discard(study, config, created)
+        if isinstance(exc, STORAGE_ERRORS):
+            raise _storage_failure(config, exc) from None
+        if isinstance(exc, EvomergeError):
+            raise
+        raise EvomergeError(f"scoring the baselines failed: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+    try:
+        return _optimize(study, bench, config, baselines, progress, on_trial)
+    except STORAGE_ERRORS as exc:
+        raise _storage_failure(config, exc) from None
+
+
+def _optimize(study: optuna.Study, bench: Workbench, config: SearchConfig, baselines: dict[str, Any],
+              progress: bool, on_trial) -> optuna.Study:
     stop = _StopFlag()
+    failures: list[str] = []
     previous = signal.signal(signal.SIGINT, stop)
     started = time.monotonic()
     try:
@@ -408,6 +505,7 @@ def search(config: SearchConfig, *, config_dir: Path | None = None, evaluator=No
                 report(done, frozen)
                 if on_trial:
                     on_trial(study, frozen)
+                _check_repeated_failure(failures, frozen)
     finally:
         signal.signal(signal.SIGINT, previous)
     return study
@@ -439,7 +537,7 @@ class _progress:
         best = max((t.value for t in complete), default=float("nan"))
         last = f"trial {frozen.number}: " + (f"{frozen.value:.3f}" if frozen.state == TrialState.COMPLETE
                                              else f"failed ({frozen.user_attrs.get('fail_reason', '?')})")
-        self.bar.update(self.task, completed=len(complete), status=f"best {best:.3f} · {self.baseline_text} · {last}")
+        self.bar.update(self.task, completed=len(done), status=f"best {best:.3f} · {self.baseline_text} · {last}")
 
     def __exit__(self, *exc):
         if self.enabled:
@@ -448,18 +546,12 @@ class _progress:
 
 
 def check_config(config: SearchConfig, config_dir: Path | None = None) -> dict[str, Any]:
-    """What ``evomerge validate`` checks without running: models exist and are compatible (the hand-written
-    recipe plans cleanly), and every task builds. Returns a summary for display."""
-    from merge_core.plan import plan_merge
-
-    paths = resolve_paths(config, config_dir)
-    readers = {ref: CheckpointReader(path) for ref, path in paths.items()}
-    base = readers[config.base_model]
-    num_layers = count_layers(base.names, base.config, config.base_model)
-    dims = dimensions(config, num_layers)
-    recipe = build_recipe(config, dims, handwritten_point(config, dims), num_layers)
-    plan = plan_merge(load_recipe(recipe, strict=True), readers)  # generated: nothing may be ignored
-    evaluator = build_evaluator(config)
-    return {"models": paths, "layers": num_layers, "dimensions": [d.key for d in dims],
-            "tensors": len(plan.jobs), "tasks": list(getattr(evaluator, "task_names", [t.name for t in config.tasks])),
+    """What ``evomerge validate`` checks without running (``search.preflight``, the checks ``search`` runs
+    before touching its storage). Returns a summary for display."""
+    config = self_contained(config, config_dir)
+    checked = preflight(config, config_dir)
+    evaluator = checked.evaluator
+    return {"models": checked.paths, "layers": checked.num_layers, "dimensions": [d.key for d in checked.dims],
+            "tensors": checked.tensors,
+            "tasks": list(getattr(evaluator, "task_names", [t.name for t in config.tasks])),
             "storage": config.storage_url, "sampler": config.sampler, "n_trials": config.n_trials}

@@ -331,6 +331,52 @@ def test_valid_model_counts_pass():
     check_inputs(get_method("ties"), 1, True)
 
 
+class _ShapesOnly:
+    """A two-layer model that planning can read: names, shapes and a config, no tensor data."""
+
+    def __init__(self):
+        self.config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2,
+                       "vocab_size": 8, "hidden_size": 4}
+        self.names = ["model.embed_tokens.weight", "model.layers.0.mlp.weight", "model.layers.1.mlp.weight",
+                      "lm_head.weight"]
+
+    def shape(self, name):
+        return (8, 4) if "embed" in name or "lm_head" in name else (4, 4)
+
+    def dtype(self, name):
+        return torch.float32
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_the_planner_enforces_each_methods_input_limits_exactly(name):
+    """Every method, with and without a base, 1 to 4 other models: the planner refuses a recipe exactly
+    when the method's limits (check_inputs) do, with the same message."""
+    from merge_core.plan import FIRST_MODEL_IS_BASE, plan_merge
+    from merge_core.recipe import load_recipe
+
+    method = get_method(name)
+    global_params = {p: 0.5 for p, d in method.params.items() if d is methods.REQUIRED}
+    sources = {m: _ShapesOnly() for m in ["base", "m1", "m2", "m3", "m4"]}
+    for has_base in (True, False):
+        for others in range(1, 5):
+            weight = {"weight": 1.0} if "weight" in method.model_params else {}
+            models = [{"model": f"m{i}", "parameters": weight} for i in range(1, others + 1)]
+            recipe = load_recipe({"merge_method": name, "models": models, "parameters": global_params,
+                                  **({"base_model": "base"} if has_base else {})})
+            based = has_base or name in FIRST_MODEL_IS_BASE
+            try:
+                check_inputs(method, others + has_base, based, "slices[0]")
+                expected = None
+            except EvomergeError as exc:
+                expected = str(exc)
+            try:
+                plan_merge(recipe, sources)
+                got = None
+            except EvomergeError as exc:
+                got = str(exc)
+            assert got == expected, (has_base, others)
+
+
 @pytest.mark.parametrize("rows", [2, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_sign_bit_election_equals_mergekit_formula(dtype, rows):

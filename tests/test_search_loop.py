@@ -67,12 +67,15 @@ def test_cmaes_converges_to_the_target_weights_and_beats_the_handwritten_start(f
     assert study.best_trial.user_attrs["recipe"]["merge_method"] == "task_arithmetic"
 
 
-def test_failing_candidates_are_marked_failed_with_reason_and_the_search_goes_on(fam, tmp_path):
-    evaluator = DistanceEvaluator(fam, fail_every=4)
+def test_failing_candidates_are_marked_failed_with_reason_count_against_the_budget_and_the_search_goes_on(
+        fam, tmp_path):
+    evaluator = DistanceEvaluator(fam, fail_every=4)  # calls 1-3 score the baselines: trials 0 and 4 fail
     study = search(config_for(fam, tmp_path, n_trials=8), evaluator=evaluator, progress=False)
     failed = study.get_trials(states=(TrialState.FAIL,))
-    assert failed and all(t.user_attrs["fail_reason"] == "RuntimeError: evaluator exploded" for t in failed)
-    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 8
+    assert [t.number for t in failed] == [0, 4]
+    assert all(t.user_attrs["fail_reason"] == "RuntimeError: evaluator exploded" for t in failed)
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 6
+    assert len(study.trials) == 8
 
 
 def test_running_again_resumes_the_study_without_repeating_trials(fam, tmp_path):

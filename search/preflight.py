@@ -1,0 +1,255 @@
+"""Everything a search can know is wrong before it creates or touches a study.
+
+``evomerge validate`` runs exactly these checks and ``evomerge search`` runs them before opening its
+storage, so a config that validates cannot fail later for a reason a check here could have found: the
+device, the run directory, the storage URL, the models (readable, distinct, of one shape), the method's
+input limits, the hand-written recipe and the recipes at both ends of every searched range (planned, not
+merged), and the tasks and their metrics. Each failure is one ``EvomergeError`` line naming the field.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from merge_core.architecture import count_layers
+from merge_core.checkpoint import CheckpointReader
+from merge_core.engine import resolve_model_path
+from merge_core.errors import EvomergeError
+from merge_core.methods import check_inputs, get_method
+from merge_core.plan import plan_merge
+from merge_core.recipe import load_recipe
+from search.config import SearchConfig
+from search.space import Dimension, build_recipe, dimensions, handwritten_point
+
+
+@dataclass
+class Preflight:
+    """What the checks read, kept so the search does not read it twice."""
+
+    paths: dict[str, str]
+    num_layers: int
+    dims: list[Dimension]
+    tensors: int
+    evaluator: Any
+
+
+def check_device(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise EvomergeError(f"device: {device}: CUDA is not available on this machine")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise EvomergeError(f"device: {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def check_writable_dir(path: Path, field: str) -> None:
+    """``path`` is, or can be created as, a directory this process may write in (nothing is created)."""
+    existing = path
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        what = "is a file" if existing == path else f"is under {existing}, which is not a directory"
+        raise EvomergeError(f"{field}: {path} {what}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise EvomergeError(f"{field}: {path} is not writable" + ("" if existing == path else f" ({existing} is not)"))
+
+
+def sqlite_file(url: str) -> Path | None:
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if not parsed.drivername.startswith("sqlite"):
+        return None
+    return Path(parsed.database) if parsed.database and parsed.database != ":memory:" else None
+
+
+def check_storage(config: SearchConfig) -> None:
+    """The storage URL parses, its driver is installed, and the database is reachable and sound: an SQLite
+    file is read through (``quick_check``, nothing written), another database is connected to once."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    url = config.storage_url
+    field = "storage" if config.storage else "output_dir"
+    try:
+        parsed = make_url(url)
+        engine = None if parsed.drivername.startswith("sqlite") else create_engine(url)
+    except (ArgumentError, ValueError) as exc:
+        raise EvomergeError(f"storage: {url!r} is not a database URL ({str(exc).splitlines()[0]})") from None
+    except ModuleNotFoundError as exc:
+        raise EvomergeError(f"storage: {url}: its database driver is not installed ({exc.name})") from None
+    except Exception as exc:  # a dialect sqlalchemy does not know
+        raise EvomergeError(f"storage: {url}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    if engine is not None:
+        try:
+            with engine.connect():
+                pass
+        except Exception as exc:
+            raise EvomergeError(f"storage: {url}: cannot connect ({root_cause(exc)})") from None
+        finally:
+            engine.dispose()
+        return
+    path = sqlite_file(url)
+    if path is None:
+        raise EvomergeError(f"storage: {url}: an in-memory database cannot hold a study (give a file)")
+    if not path.exists():
+        check_writable_dir(path.parent, field)
+        return
+    if not path.is_file():
+        raise EvomergeError(f"{field}: {path} is not a file")
+    check_writable_dir(path.parent, field)
+    try:
+        db = sqlite3.connect(path)  # read-only would leave -wal/-shm files of a WAL database behind
+        try:
+            result = db.execute("PRAGMA quick_check").fetchone()
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise EvomergeError(f"storage: {path} is not a sound SQLite database ({exc})") from None
+    if result is None or result[0] != "ok":
+        raise EvomergeError(f"storage: {path} is a damaged SQLite database ({result[0] if result else 'empty'})")
+
+
+def root_cause(exc: BaseException) -> str:
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def check_models(config: SearchConfig, paths: dict[str, str], readers: dict[str, CheckpointReader]) -> int:
+    """Distinct models of one shape: every source has the base's layers and tensor shapes, since its
+    weights go into a live model built from the base. Returns the number of layers."""
+    method = get_method(config.method)
+    refs = [config.base_model, *config.models]
+    seen: dict[str, str] = {}
+    for ref in refs:
+        where = "base_model" if ref == config.base_model else "models"
+        if paths[ref] in seen and ref != seen[paths[ref]]:
+            raise EvomergeError(f"{where}: {ref} and {seen[paths[ref]]} are the same model ({paths[ref]})")
+        seen.setdefault(paths[ref], ref)
+    if method.base_is_input:
+        pass  # the base is only the live model's template here: listing it among the models is a choice
+    elif paths[config.base_model] in {paths[m] for m in config.models}:
+        raise EvomergeError(f"models: {config.base_model} is the base_model; list only the models merged onto it")
+    base = readers[config.base_model]
+    num_layers = count_layers(base.names, base.config, config.base_model)
+    base_shapes = {name: tuple(base.shape(name)) for name in base.names}
+    for ref in config.models:
+        reader = readers[ref]
+        layers = count_layers(reader.names, reader.config, ref)
+        if layers != num_layers:
+            raise EvomergeError(f"models: {ref} has {layers} layers, the base_model {num_layers}")
+        for name in reader.names:
+            if name in base_shapes and tuple(reader.shape(name)) != base_shapes[name]:
+                raise EvomergeError(f"models: {ref}: tensor {name} is {list(reader.shape(name))} but "
+                                    f"{list(base_shapes[name])} in the base_model (the models differ in size)")
+    uses_base = not method.base_is_input
+    n_inputs = len(config.models) + (1 if uses_base else 0)
+    try:
+        check_inputs(method, n_inputs, uses_base)
+    except EvomergeError as exc:
+        given = f"the base_model and {len(config.models)} models" if uses_base else f"{len(config.models)} models"
+        raise EvomergeError(f"models: {exc} ({given})") from None
+    return num_layers
+
+
+def _corners(config: SearchConfig, dims: list[Dimension], start: dict[str, float]):
+    """(label, point): each searched parameter at its low and its high, the others at the hand-written
+    start, then every parameter at its low and every one at its high. A limit on a parameter's values
+    (density in (0, 1]…) is an interval, so these points reach whatever a trial could."""
+    for param, spec in config.parameters.items():
+        for end in ("low", "high"):
+            value = getattr(spec, end)
+            yield f"parameters.{param}: {end} {value}", {**start, **{d.key: value for d in dims if d.param == param}}
+    if len(config.parameters) > 1:
+        for end in ("low", "high"):
+            yield f"parameters: every {end}", {d.key: getattr(config.parameters[d.param], end) for d in dims}
+
+
+def check_groups(config: SearchConfig, names: list[str]) -> None:
+    """A group (a tensor-name substring, as mergekit filters) that matches no tensor would be a dimension
+    the sampler moves without any effect."""
+    for param, spec in config.parameters.items():
+        if spec.granularity != "groups":
+            continue
+        for group in spec.groups:
+            if group != "*" and not any(group in name for name in names):
+                raise EvomergeError(f"parameters.{param}.groups: {group!r} matches no tensor name of the base_model")
+
+
+def check_recipes(config: SearchConfig, dims: list[Dimension], num_layers: int, readers) -> int:
+    """Plan (never merge) the hand-written recipe and the corners of the space. Returns its tensor count."""
+    check_groups(config, readers[config.base_model].names)
+    start = handwritten_point(config, dims)
+    plan = plan_merge(load_recipe(build_recipe(config, dims, start, num_layers), strict=True), readers)
+    for label, point in _corners(config, dims, start):
+        try:
+            plan_merge(load_recipe(build_recipe(config, dims, point, num_layers), strict=True), readers)
+        except EvomergeError as exc:
+            raise EvomergeError(f"{label}: {exc}") from None
+    return len(plan.jobs)
+
+
+def check_live_model(config: SearchConfig, path: str) -> None:
+    """The base is also the live model and its tokenizer: transformers must know its architecture and
+    load its tokenizer."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    for what, load in (("config", AutoConfig.from_pretrained), ("tokenizer", AutoTokenizer.from_pretrained)):
+        try:
+            load(path)
+        except Exception as exc:
+            raise EvomergeError(f"base_model: {config.base_model}: transformers cannot load its {what} "
+                                f"({type(exc).__name__}: {root_cause(exc)})") from None
+
+
+def build_checked_evaluator(config: SearchConfig) -> Any:
+    from search.loop import build_evaluator
+
+    try:
+        return build_evaluator(config)
+    except EvomergeError:
+        raise
+    except Exception as exc:  # lm-eval refusing a task YAML
+        names = ", ".join(t.name for t in config.tasks)
+        raise EvomergeError(f"tasks: {names}: {type(exc).__name__}: {root_cause(exc)}") from None
+
+
+def check_tasks(config: SearchConfig, evaluator: Any) -> None:
+    """Every task is scored under its own name and gives the metric the config averages."""
+    produced = getattr(evaluator, "metric_names", None)
+    if produced is None:
+        return  # an evaluator that cannot say beforehand: its first score (a baseline) checks
+    for i, task in enumerate(config.tasks):
+        if task.name not in produced:
+            raise EvomergeError(f"tasks[{i}].name: {task.name!r} is not scored under that name "
+                                f"(scored: {', '.join(produced)}); list a group's tasks one by one")
+        if task.metric and task.metric not in produced[task.name]:
+            raise EvomergeError(f"tasks[{i}].metric: task {task.name!r} does not produce metric {task.metric!r} "
+                                f"(it produces: {', '.join(produced[task.name])})")
+
+
+def preflight(config: SearchConfig, config_dir: Path | None = None, evaluator: Any = None) -> Preflight:
+    """All checks, cheapest first; ``evaluator`` (else one built from the config) is checked and kept."""
+    check_device(config.device)
+    check_writable_dir(config.run_dir, "output_dir")
+    check_storage(config)
+    paths = {ref: str(resolve_model_path(ref, config_dir)) for ref in [config.base_model, *config.models]}
+    readers = {ref: CheckpointReader(path) for ref, path in paths.items()}
+    num_layers = check_models(config, paths, readers)
+    check_live_model(config, paths[config.base_model])
+    dims = dimensions(config, num_layers)
+    tensors = check_recipes(config, dims, num_layers, readers)
+    evaluator = evaluator or build_checked_evaluator(config)
+    check_tasks(config, evaluator)
+    return Preflight(paths, num_layers, dims, tensors, evaluator)
