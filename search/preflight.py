@@ -107,8 +107,10 @@ def check_storage(config: SearchConfig) -> None:
     if not path.is_file():
         raise EvomergeError(f"{field}: {path} is not a file")
     check_writable_dir(path.parent, field)
+    # Read as immutable: no lock taken, no -wal/-shm file made or removed, so a worker or a killed
+    # worker's database is never disturbed (only the main file is checked; the WAL is the storage's).
     try:
-        db = sqlite3.connect(path)  # read-only would leave -wal/-shm files of a WAL database behind
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro&immutable=1", uri=True)
         try:
             result = db.execute("PRAGMA quick_check").fetchone()
         finally:
