@@ -273,7 +273,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     report = write_report(config.run_dir, storage=config.storage_url, study_name=config.study)
     print(f"report: {report}\nleaderboard: {config.run_dir / 'leaderboard.md'}\n"
           f"best recipe: {config.run_dir / 'best_recipe.yaml'}")
+    print(demo_figures(config.run_dir / "leaderboard.csv"))
     return 0
+
+
+def demo_figures(leaderboard_csv) -> str:
+    """The demo's headline figures (objective per split) from its leaderboard: the family is trained on the
+    user's CPU, whose float kernels shape it, so these vary by machine within the README's ranges."""
+    import csv
+    from pathlib import Path
+
+    rows = list(csv.DictReader(Path(leaderboard_csv).read_text().splitlines()))
+    splits = [split for split in ("search", "test") if rows and f"average ({split})" in rows[0]]
+
+    def average(row: dict, split: str) -> float:
+        return float(row[f"average ({split})"])
+
+    picked = [("best source", max((r for r in rows if r["role"] == "source"), key=lambda r: average(r, "search"),
+                                  default=None)),
+              ("hand-written", next((r for r in rows if "hand-written" in r["role"].split(", ")), None)),
+              ("best", next((r for r in rows if "best" in r["role"].split(", ")), None))]
+    lines = ["figures of this run (they vary by machine: README, \"What the demo shows\"):"]
+    for label, row in picked:
+        if row is not None:
+            lines.append(f"  {label:<13}{row['model']:<10}"
+                         + "".join(f"  {split} {average(row, split):.3f}" for split in splits))
+    return "\n".join(lines)
 
 
 def _add_demo(sub) -> None:

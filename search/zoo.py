@@ -31,6 +31,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 TASKS_DIR = REPO_ROOT / "configs" / "tasks"
 DEFAULT_ZOO_DIR = Path("results/zoo")
 ZOO_CACHE_ENV = "EVOMERGE_ZOO_DIR"
+ZOO_SEED_ENV = "EVOMERGE_ZOO_SEED"
 MANIFEST = "manifest.json"
 TASK_SEED = 1234
 SEARCH_SIZE = 60
@@ -148,6 +149,21 @@ class ZooSpec:
 
 
 DEFAULT_SPEC = ZooSpec()
+
+
+def default_spec() -> ZooSpec:
+    """The spec a build uses unless given one: ``DEFAULT_SPEC`` with the seed from ``$EVOMERGE_ZOO_SEED``
+    if set, so the test suite and the demo can be run against another family than seed 0's."""
+    value = os.environ.get(ZOO_SEED_ENV, "").strip()
+    if not value:
+        return DEFAULT_SPEC
+    try:
+        seed = int(value)
+    except ValueError:
+        raise EvomergeError(f"{ZOO_SEED_ENV}={value!r}: the zoo seed must be a non-negative integer") from None
+    if seed < 0:
+        raise EvomergeError(f"{ZOO_SEED_ENV}={value!r}: the zoo seed must be a non-negative integer")
+    return replace(DEFAULT_SPEC, seed=seed)
 
 
 @dataclass(frozen=True)
@@ -268,30 +284,36 @@ def _pretrain_batches(spec: ZooSpec, tokenizer, held_out: set[str]):
         yield _batch(tokenizer, prompts, answers, answer_only=False)
 
 
-def _finetune_batches(spec: ZooSpec, skill: str, tokenizer, base, held_out: set[str], greedy_replay: bool = False):
+def _finetune_batches(spec: ZooSpec, skill: str, tokenizer, base, held_out: set[str], greedy_replay: bool = False,
+                      correct_replay_share: float = 0.0):
     """Own-skill items with correct answers, plus the other skills' prompts with the base's answers and
     next-token distributions: replay that keeps the base's (uncertain) behaviour instead of sharpening
     its sloppy answers, which would build a delta that cancels the other skills' deltas in a merge.
 
     ``greedy_replay`` trains on the base's greedy answers instead, as many real fine-tunes do: the
-    model stays good at its skill alone, but its delta fights the others' in a merge."""
+    model stays good at its skill alone, but its delta fights the others' in a merge.
+    ``correct_replay_share``: that share of the replayed rows carries the other skill's correct answer
+    (still with the base's distributions), text that another skill's expert writes in a mixture."""
     import torch
 
     rng = random.Random(f"{spec.seed}-{skill}" + ("-greedy" if greedy_replay else ""))
     others = [SKILLS[s] for s in spec.skills if s != skill]
     n_replay = round(spec.finetune_batch * spec.replay_share)
-    replay_prompts: list[str] = []
-    while len(replay_prompts) < spec.finetune_steps * n_replay:
-        prompt = rng.choice(others)(rng).prompt
-        if prompt not in held_out:
-            replay_prompts.append(prompt)
-    replay_answers = dict(zip(replay_prompts, greedy_answers(base, tokenizer, replay_prompts)))
+    replay_items: list[Item] = []
+    while len(replay_items) < spec.finetune_steps * n_replay:
+        item = rng.choice(others)(rng)
+        if item.prompt not in held_out:
+            replay_items.append(item)
+    greedy = greedy_answers(base, tokenizer, [item.prompt for item in replay_items])
+    pick = random.Random(f"{spec.seed}-{skill}-correct")  # its own stream: the other rows stay as they were
+    replay_answers = [item.answer if correct_replay_share and pick.random() < correct_replay_share else answer
+                      for item, answer in zip(replay_items, greedy)]
     for step in range(spec.finetune_steps):
         own = [item for item in (SKILLS[skill](rng) for _ in range(spec.finetune_batch - n_replay))
                if item.prompt not in held_out]
-        replay = replay_prompts[step * n_replay:(step + 1) * n_replay]
-        prompts = [i.prompt for i in own] + replay
-        answers = [i.answer for i in own] + [replay_answers[p] for p in replay]
+        replay = slice(step * n_replay, (step + 1) * n_replay)
+        prompts = [i.prompt for i in own] + [i.prompt for i in replay_items[replay]]
+        answers = [i.answer for i in own] + replay_answers[replay]
         ids, mask, labels = _batch(tokenizer, prompts, answers, answer_only=True)
         replayed = torch.arange(len(prompts)) >= len(own)
         kl_mask = (labels != -100) & replayed[:, None] & (not greedy_replay)
@@ -410,11 +432,15 @@ def finetune(base, tokenizer, spec: ZooSpec, skill: str, held_out: set[str], log
     params = _add_lora(model, spec.lora_rank, spec.lora_alpha, seed, MLP_PROJECTIONS if moe_ready else None)
     if moe_ready:
         spec = replace(spec, finetune_steps=MOE_READY_STEPS)
-    batches = _finetune_batches(spec, skill, tokenizer, base, held_out, greedy_replay)
+    batches = _finetune_batches(spec, skill, tokenizer, base, held_out, greedy_replay,
+                                MOE_READY_CORRECT_REPLAY if moe_ready else 0.0)
     name = conflicting_name(skill) if greedy_replay else f"{skill} (moe-ready)" if moe_ready else skill
-    mixing = _mixed_with_base_mlps(model, base, MOE_READY_LOWEST_SHARE) if moe_ready else contextlib.nullcontext()
-    with mixing:
+    if not moe_ready:
         _train(model, params, batches, spec.finetune_steps, spec.finetune_lr, log, name, _finetune_loss)
+    else:
+        with _mixed_with_base_mlps(model, base, MOE_READY_LOWEST_SHARE) as mixed:
+            _train(model, params, batches, spec.finetune_steps, spec.finetune_lr, log, name,
+                   lambda model, batch: _finetune_loss(model, batch) + MOE_READY_MLP_MATCH * _mlp_deviation(mixed, batch))
     _fold_lora(model)
     return model
 
@@ -424,6 +450,8 @@ def finetune(base, tokenizer, spec: ZooSpec, skill: str, held_out: set[str], log
 MOE_READY_DIR = "moe_ready"
 MOE_READY_STEPS = 300
 MOE_READY_LOWEST_SHARE = 0.01
+MOE_READY_CORRECT_REPLAY = 0.5
+MOE_READY_MLP_MATCH = 1.0
 
 
 @contextlib.contextmanager
@@ -440,18 +468,31 @@ def _mixed_with_base_mlps(model, base, lowest_share: float):
             self.tuned, self.frozen = tuned, frozen
 
         def forward(self, hidden):
+            frozen = self.frozen(hidden)
+            self.deviation, self.scale = self.tuned(hidden) - frozen, frozen.detach()
             share = torch.empty(*hidden.shape[:-1], 1).uniform_(lowest_share, 1.0)
-            return share * self.tuned(hidden) + (1 - share) * self.frozen(hidden)
+            return frozen + share * self.deviation
 
     layers = model.model.layers
     tuned = [layer.mlp for layer in layers]
+    mixed = []
     for layer, mlp, frozen in zip(layers, tuned, base.model.layers):
         layer.mlp = MixedWithBase(mlp, copy.deepcopy(frozen.mlp).requires_grad_(False))
+        mixed.append(layer.mlp)
     try:
-        yield
+        yield mixed
     finally:
         for layer, mlp in zip(layers, tuned):
             layer.mlp = mlp
+
+
+def _mlp_deviation(mixed: list, batch) -> float:
+    """How far each layer's tuned MLP output strays from the base's on the replayed rows (every token),
+    relative to the base's: near zero, another skill's text meets this expert's MLP as the base's, so in a
+    mixture of experts a share of another skill's token given to this expert changes nothing there."""
+    ids, mask, labels = batch[:3]
+    replayed = mask.bool() & (labels == -100).all(1, keepdim=True)
+    return sum((m.deviation[replayed] ** 2).mean() / (m.scale[replayed] ** 2).mean() for m in mixed) / len(mixed)
 
 
 def ensure_moe_ready_experts(zoo: Zoo, log: Callable[[str], None] = lambda message: None) -> dict[str, dict]:
@@ -689,13 +730,15 @@ def _cached(directory: Path, spec: ZooSpec) -> Zoo | None:
     return zoo if all((path / "model.safetensors").is_file() for path in zoo.models.values()) else None
 
 
-def build_zoo(directory: str | Path = DEFAULT_ZOO_DIR, spec: ZooSpec = DEFAULT_SPEC, *,
+def build_zoo(directory: str | Path = DEFAULT_ZOO_DIR, spec: ZooSpec | None = None, *,
               log: Callable[[str], None] = lambda message: None) -> Zoo:
-    """Train (or return the cached) base and fine-tunes into ``directory`` and score them.
+    """Train (or return the cached) base and fine-tunes into ``directory`` and score them (``spec``:
+    ``default_spec()`` unless given).
 
     The cache key is the manifest's digest of the spec and this file's code; a directory holding
     anything but a zoo is refused rather than overwritten.
     """
+    spec = spec or default_spec()
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise EvomergeError(f"zoo directory {directory} is a file")
@@ -763,7 +806,7 @@ def _build(directory: Path, spec: ZooSpec, log: Callable[[str], None]) -> Zoo:
     return _load_zoo(directory, json.loads(text))  # as a cached call would return it (lists, not tuples)
 
 
-def ensure_zoo(directory: str | Path | None = None, spec: ZooSpec = DEFAULT_SPEC) -> Zoo:
+def ensure_zoo(directory: str | Path | None = None, spec: ZooSpec | None = None) -> Zoo:
     """The shared cached zoo (``$EVOMERGE_ZOO_DIR`` or ``results/zoo`` at the repo root): the test suite and
     ``evomerge demo`` build it once between them."""
     return build_zoo(directory or os.environ.get(ZOO_CACHE_ENV) or REPO_ROOT / DEFAULT_ZOO_DIR, spec)

@@ -47,3 +47,20 @@ def test_the_gain_holds_on_the_test_split_in_the_leaderboard(demo_run):
                       if r["role"] == "source")
     assert float(rows["best"][test_average]) >= best_source + 0.15, rows["best"]
     assert (run_dir / "best_recipe.yaml").is_file()
+
+
+def test_demo_prints_the_figures_of_its_own_run(demo_run):
+    """The figures vary by machine, so `evomerge demo` prints its run's own: best source, hand-written, best."""
+    from search.cli import demo_figures
+
+    study, run_dir, _ = demo_run
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    best = min(complete, key=lambda t: (-t.value, t.number))
+    handwritten = next(t for t in complete if t.user_attrs.get("handwritten"))
+    source, value = max(((k, v["objective"]) for k, v in study.user_attrs["baselines"].items() if not v["is_base"]),
+                        key=lambda kv: kv[1])
+    lines = {line[:15].strip(): line for line in demo_figures(run_dir / "leaderboard.csv").splitlines()[1:]}
+    assert f"trial {best.number} " in lines["best"] and f"search {best.value:.3f}" in lines["best"], lines
+    assert f"trial {handwritten.number} " in lines["hand-written"], lines
+    assert f"search {handwritten.value:.3f}" in lines["hand-written"] and "test " in lines["hand-written"], lines
+    assert f" {source} " in lines["best source"] and f"search {value:.3f}" in lines["best source"], lines

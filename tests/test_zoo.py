@@ -152,8 +152,9 @@ def test_second_build_with_the_same_spec_returns_the_cached_family_at_once(famil
 
 def test_manifest_records_spec_seeds_and_a_spec_and_code_digest(family):
     manifest = family.manifest
-    assert manifest["spec"] == json.loads(json.dumps(zoo.asdict(zoo.DEFAULT_SPEC)))
-    assert manifest["digest"] == zoo.DEFAULT_SPEC.digest() != replace(zoo.DEFAULT_SPEC, seed=1).digest()
+    spec = zoo.default_spec()
+    assert manifest["spec"] == json.loads(json.dumps(zoo.asdict(spec)))
+    assert manifest["digest"] == spec.digest() != replace(spec, seed=spec.seed + 1).digest()
     assert set(manifest["seeds"]) == {"base", "tasks", *family.finetunes, *family.conflicting}
     # CPU time, not wall time: the limit is for 2 idle cores, and tests often share them
     assert manifest["build_cpu_seconds"] < 360
@@ -194,6 +195,19 @@ def test_building_into_a_foreign_directory_refuses_to_overwrite_it(tmp_path):
     with pytest.raises(EvomergeError, match="not a zoo directory"):
         zoo.build_zoo(tmp_path)
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_zoo_seed_comes_from_the_environment_and_a_bad_one_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(zoo.ZOO_SEED_ENV, "7")
+    assert zoo.default_spec() == replace(zoo.DEFAULT_SPEC, seed=7)
+    monkeypatch.delenv(zoo.ZOO_SEED_ENV)
+    assert zoo.default_spec() == zoo.DEFAULT_SPEC
+    for bad in ("one", "-1"):
+        monkeypatch.setenv(zoo.ZOO_SEED_ENV, bad)
+        assert main(["zoo", "build", str(tmp_path / "zoo")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"EVOMERGE_ZOO_SEED={bad!r}" in err[0], err
+        assert not (tmp_path / "zoo").exists()
 
 
 def test_unknown_skill_is_an_error(tmp_path):
