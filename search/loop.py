@@ -227,6 +227,26 @@ def objective_of(scores, config: SearchConfig) -> float:
                             {t.name: t.metric for t in config.tasks if t.metric})
 
 
+def check_objective(config: SearchConfig, evaluator: Any) -> None:
+    """Every task's objective metric exists and can enter the objective, checked from the tasks' definitions
+    before any model is scored (``validate`` and ``search`` alike). Evaluators that cannot say their metrics
+    before scoring (``metric_directions``) are checked on the first scores instead."""
+    from evaluators.base import check_objective_metric
+
+    directions = getattr(evaluator, "metric_directions", None)
+    if directions is None:
+        return
+    known = directions()
+    for task in config.tasks:
+        if task.name not in known:
+            continue  # a group name: its member tasks are what the evaluator scores
+        metrics = known[task.name]
+        metric = task.metric or next(iter(metrics))
+        if metric not in metrics:
+            raise EvomergeError(f"tasks: {task.name!r} has no metric {metric!r} (it has: {', '.join(metrics)})")
+        check_objective_metric(task.name, metric, metrics[metric])
+
+
 def score_baselines(study: optuna.Study, bench: Workbench) -> dict[str, Any]:
     """Score the base and every source once per study, with the settings every trial gets."""
     baselines = dict(study.user_attrs.get("baselines", {}))
@@ -324,7 +344,109 @@ def _set_user_attrs(study: optuna.Study, trial: optuna.Trial, attrs: dict[str, A
             backend._set_trial_attr_without_commit(session, TrialUserAttributeModel, trial._trial_id, key, value)
 
 
-def create_study(config: SearchConfig, bench: Workbench) -> optuna.Study:
+# Config fields a rerun may change and still continue its study: the budget and where and how it runs.
+# Every other field (method, models, base, parameters, fixed, tasks and metrics, limit, num_fewshot, dtype,
+# seed, block size, include path, and fields added later) changes the objective or the space.
+RERUN_FREE_FIELDS = frozenset({"n_trials", "timeout", "threads", "batch_size", "device", "sampler", "storage",
+                               "study_name", "output_dir", "name"})
+RERUN_CHOICES = ("check", "new", "continue")
+
+
+def config_differences(stored: dict[str, Any], config: SearchConfig) -> list[str]:
+    """``field: old → new`` for every field outside ``RERUN_FREE_FIELDS`` where the study's stored config and
+    ``config`` differ (nested fields by path, e.g. ``tasks[0].metric``)."""
+    try:  # a config stored by an older evomerge gets the defaults of fields added since
+        stored = json.loads(SearchConfig.model_validate(stored).model_dump_json())
+    except Exception:
+        pass
+    new = json.loads(config.model_dump_json())
+    shown = lambda value: (lambda text: text if len(text) <= 80 else text[:77] + "...")(json.dumps(value))  # noqa: E731
+    found: list[str] = []
+
+    def walk(path: str, old: Any, now: Any) -> None:
+        if isinstance(old, dict) and isinstance(now, dict):
+            for key in [*now, *(k for k in old if k not in now)]:
+                walk(f"{path}.{key}", old.get(key), now.get(key))
+        elif isinstance(old, list) and isinstance(now, list) and len(old) == len(now):
+            for i, (a, b) in enumerate(zip(old, now)):
+                walk(f"{path}[{i}]", a, b)
+        elif old != now:
+            found.append(f"{path}: {shown(old)} → {shown(now)}")
+
+    for key in [*new, *(k for k in stored if k not in new)]:
+        if key not in RERUN_FREE_FIELDS:
+            walk(key, stored.get(key), new.get(key))
+    return found
+
+
+def changed_config_error(config: SearchConfig, changes: list[str]) -> EvomergeError:
+    return EvomergeError(
+        f"study {config.study!r} in {config.storage_url} was made with another config ({'; '.join(changes)}): "
+        "give --new-study to start a new study (the old one is kept), or --continue-anyway to go on with "
+        "this config (trials so far keep the values of the old objective)")
+
+
+def reconcile_config(study: optuna.Study, config: SearchConfig, rerun: str = "check") -> None:
+    """A rerun whose config changes the objective or the space stops (``check``), unless ``continue``: then
+    the config is replaced (the old one and its baselines kept in ``config_history``) and baselines rescored."""
+    stored = study.user_attrs["config"]
+    changes = config_differences(stored, config)
+    if not changes:
+        return
+    if rerun != "continue":
+        raise changed_config_error(config, changes)
+    history = list(study.user_attrs.get("config_history", []))
+    history.append({"config": stored, "baselines": study.user_attrs.get("baselines", {}),
+                    "trials": len(study.get_trials(deepcopy=False)), "changes": changes})
+    study.set_user_attr("config_history", history)
+    study.set_user_attr("config", json.loads(config.model_dump_json()))
+    study.set_user_attr("baselines", {})
+
+
+def stored_study_config(config: SearchConfig) -> dict[str, Any] | None:
+    """The config stored by an existing study of this name (read-only), or None when there is none."""
+    if config.storage is None and not (config.run_dir / "study.db").is_file():
+        return None
+    try:
+        storage = RDBStorage(config.storage_url, skip_table_creation=True)
+        return optuna.load_study(study_name=config.study, storage=storage).user_attrs.get("config")
+    except Exception:  # no such study (or no reachable storage): nothing to compare with
+        return None
+
+
+def set_aside_study(config: SearchConfig) -> Path | None:
+    """Make room for a new study: the default SQLite file (with its WAL files) is renamed, never deleted;
+    a study of this name in a given storage is refused, as it cannot be moved."""
+    if config.storage is not None:
+        if stored_study_config(config) is not None:
+            raise EvomergeError(f"--new-study: {_public(config.storage_url)} already holds study {config.study!r}, "
+                                "which is never removed: give a new --study-name")
+        return None
+    db = config.run_dir / "study.db"
+    if not db.is_file():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    moved = db.with_name(f"study-{stamp}.db")
+    for suffix in ("", "-wal", "-shm"):
+        if Path(f"{db}{suffix}").exists():
+            os.replace(f"{db}{suffix}", f"{moved}{suffix}")
+    print(f"previous study moved to {moved} (its report: evomerge report {config.run_dir} "
+          f"--storage sqlite:///{moved.as_posix()})", flush=True)
+    return moved
+
+
+def _public(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url
+
+
+def create_study(config: SearchConfig, bench: Workbench, rerun: str = "check") -> optuna.Study:
+    if rerun == "new":
+        set_aside_study(config)
     storage = open_storage(config)
     handwritten = handwritten_point(config, bench.dims)
     study = optuna.create_study(study_name=config.study, storage=storage, direction="maximize",
@@ -333,6 +455,8 @@ def create_study(config: SearchConfig, bench: Workbench) -> optuna.Study:
         study.set_user_attr("config", json.loads(config.model_dump_json()))
         study.set_user_attr("evomerge_version", _version())
         study.enqueue_trial(handwritten, user_attrs={"handwritten": True}, skip_if_exists=True)
+    else:
+        reconcile_config(study, config, rerun)
     return study
 
 
@@ -343,12 +467,14 @@ def _version() -> str:
 
 
 def search(config: SearchConfig, *, config_dir: Path | None = None, evaluator=None, progress: bool = True,
-           on_trial=None) -> optuna.Study:
-    """Run (or resume) the study until its budget is spent or the user stops it."""
+           on_trial=None, rerun: str = "check") -> optuna.Study:
+    """Run (or resume) the study until its budget is spent or the user stops it. ``rerun`` says what a study
+    stored with a different config gets (see ``reconcile_config``): ``check`` (stop), ``new``, ``continue``."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     config = self_contained(config, config_dir)
     bench = open_workbench(config, config_dir, evaluator)
-    study = create_study(config, bench)
+    check_objective(config, bench.evaluator)
+    study = create_study(config, bench, rerun)
     fail_orphaned_trials(study)
     baselines = score_baselines(study, bench)
     stop = _StopFlag()
@@ -376,13 +502,14 @@ def search(config: SearchConfig, *, config_dir: Path | None = None, evaluator=No
 
 
 class _progress:
-    """A rich progress bar: trials done, best so far, and the source baselines to beat."""
+    """A rich progress bar: trials done, the best so far and its difference to the best model it started from."""
 
     def __init__(self, enabled: bool, config: SearchConfig, baselines: dict[str, Any]):
         self.enabled = enabled
         self.config = config
-        best_source = max((b["objective"] for b in baselines.values()), default=float("nan"))
-        self.baseline_text = f"best source {best_source:.3f}"
+        self.reference = max(((b["objective"], label) for label, b in baselines.items()), default=None)
+        self.baseline_text = ("" if self.reference is None else
+                              f"best of base and sources: {self.reference[1]} {self.reference[0]:.3f}")
 
     def __enter__(self):
         if not self.enabled:
@@ -397,11 +524,8 @@ class _progress:
         return self.update
 
     def update(self, done: list[optuna.trial.FrozenTrial], frozen) -> None:
-        complete = [t for t in done if t.state == TrialState.COMPLETE]
-        best = max((t.value for t in complete), default=float("nan"))
-        last = f"trial {frozen.number}: " + (f"{frozen.value:.3f}" if frozen.state == TrialState.COMPLETE
-                                             else f"failed ({frozen.user_attrs.get('fail_reason', '?')})")
-        self.bar.update(self.task, completed=len(complete), status=f"best {best:.3f} · {self.baseline_text} · {last}")
+        self.bar.update(self.task, completed=sum(t.state == TrialState.COMPLETE for t in done),
+                        status=progress_status(done, frozen, self.reference))
 
     def __exit__(self, *exc):
         if self.enabled:
@@ -409,9 +533,28 @@ class _progress:
         return False
 
 
-def check_config(config: SearchConfig, config_dir: Path | None = None) -> dict[str, Any]:
+def progress_status(done: list[optuna.trial.FrozenTrial], frozen, reference: tuple[float, str] | None) -> str:
+    """``best 0.16113 (+0.0012 vs base 0.15993) · trial 7: 0.15871``: as many decimals as it takes to tell
+    the best, the reference and the last trial apart, and the difference with two significant digits."""
+    from search.formatting import decimals_for_differences, decimals_to_separate
+
+    complete = [t.value for t in done if t.state == TrialState.COMPLETE]
+    best = max(complete, default=float("nan"))
+    last = frozen.value if frozen.state == TrialState.COMPLETE else None
+    shown = [best, *([reference[0]] if reference else []), *([last] if last is not None else [])]
+    d = decimals_to_separate(shown)
+    text = f"best {best:.{d}f}"
+    if reference is not None and best == best:
+        delta = best - reference[0]
+        text += f" ({delta:+.{decimals_for_differences([delta])}f} vs {reference[1]} {reference[0]:.{d}f})"
+    return text + f" · trial {frozen.number}: " + (
+        f"{last:.{d}f}" if last is not None else f"failed ({frozen.user_attrs.get('fail_reason', '?')})")
+
+
+def check_config(config: SearchConfig, config_dir: Path | None = None, rerun: str = "check") -> dict[str, Any]:
     """What ``evomerge validate`` checks without running: models exist and are compatible (the hand-written
-    recipe plans cleanly), and every task builds. Returns a summary for display."""
+    recipe plans cleanly), every task builds and its objective metric can enter the objective, and an
+    existing study of this name was made with this config (as ``search`` would check). Returns a summary."""
     from merge_core.plan import plan_merge
 
     paths = resolve_paths(config, config_dir)
@@ -422,6 +565,11 @@ def check_config(config: SearchConfig, config_dir: Path | None = None) -> dict[s
     recipe = build_recipe(config, dims, handwritten_point(config, dims), num_layers)
     plan = plan_merge(load_recipe(recipe), readers)
     evaluator = build_evaluator(config)
+    check_objective(config, evaluator)
+    stored = stored_study_config(self_contained(config, config_dir)) if rerun == "check" else None
+    changes = config_differences(stored, self_contained(config, config_dir)) if stored else []
+    if changes:
+        raise changed_config_error(config, changes)
     return {"models": paths, "layers": num_layers, "dimensions": [d.key for d in dims],
             "tensors": len(plan.jobs), "tasks": list(getattr(evaluator, "task_names", [t.name for t in config.tasks])),
             "storage": config.storage_url, "sampler": config.sampler, "n_trials": config.n_trials}
