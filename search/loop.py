@@ -381,7 +381,7 @@ def config_differences(stored: dict[str, Any], config: SearchConfig) -> list[str
 
 def changed_config_error(config: SearchConfig, changes: list[str]) -> EvomergeError:
     return EvomergeError(
-        f"study {config.study!r} in {config.storage_url} was made with another config ({'; '.join(changes)}): "
+        f"study {config.study!r} in {public_url(config.storage_url)} was made with another config ({'; '.join(changes)}): "
         "give --new-study to start a new study (the old one is kept), or --continue-anyway to go on with "
         "this config (trials so far keep the values of the old objective)")
 
@@ -419,7 +419,7 @@ def set_aside_study(config: SearchConfig) -> Path | None:
     a study of this name in a given storage is refused, as it cannot be moved."""
     if config.storage is not None:
         if stored_study_config(config) is not None:
-            raise EvomergeError(f"--new-study: {_public(config.storage_url)} already holds study {config.study!r}, "
+            raise EvomergeError(f"--new-study: {public_url(config.storage_url)} already holds study {config.study!r}, "
                                 "which is never removed: give a new --study-name")
         return None
     db = config.run_dir / "study.db"
@@ -427,6 +427,10 @@ def set_aside_study(config: SearchConfig) -> Path | None:
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     moved = db.with_name(f"study-{stamp}.db")
+    for n in range(2, 1000):  # a second new study within the same second must not replace the first one
+        if not any(Path(f"{moved}{suffix}").exists() for suffix in ("", "-wal", "-shm")):
+            break
+        moved = db.with_name(f"study-{stamp}-{n}.db")
     for suffix in ("", "-wal", "-shm"):
         if Path(f"{db}{suffix}").exists():
             os.replace(f"{db}{suffix}", f"{moved}{suffix}")
@@ -435,7 +439,8 @@ def set_aside_study(config: SearchConfig) -> Path | None:
     return moved
 
 
-def _public(url: str) -> str:
+def public_url(url: str) -> str:
+    """The storage URL without its password, fit to print and to write into recipes."""
     from sqlalchemy.engine import make_url
 
     try:
@@ -470,6 +475,8 @@ def search(config: SearchConfig, *, config_dir: Path | None = None, evaluator=No
            on_trial=None, rerun: str = "check") -> optuna.Study:
     """Run (or resume) the study until its budget is spent or the user stops it. ``rerun`` says what a study
     stored with a different config gets (see ``reconcile_config``): ``check`` (stop), ``new``, ``continue``."""
+    if rerun not in RERUN_CHOICES:
+        raise EvomergeError(f"rerun must be one of {', '.join(RERUN_CHOICES)}, got {rerun!r}")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     config = self_contained(config, config_dir)
     bench = open_workbench(config, config_dir, evaluator)
@@ -566,8 +573,9 @@ def check_config(config: SearchConfig, config_dir: Path | None = None, rerun: st
     plan = plan_merge(load_recipe(recipe), readers)
     evaluator = build_evaluator(config)
     check_objective(config, evaluator)
-    stored = stored_study_config(self_contained(config, config_dir)) if rerun == "check" else None
-    changes = config_differences(stored, self_contained(config, config_dir)) if stored else []
+    portable = self_contained(config, config_dir)
+    stored = stored_study_config(portable) if rerun == "check" else None
+    changes = config_differences(stored, portable) if stored else []
     if changes:
         raise changed_config_error(config, changes)
     return {"models": paths, "layers": num_layers, "dimensions": [d.key for d in dims],

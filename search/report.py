@@ -35,6 +35,7 @@ from merge_core.recipe import Provenance, load_recipe
 from search.config import SearchConfig
 from search.formatting import decimals_for_differences, decimals_to_separate
 from search.loop import build_evaluator, objective_of, open_workbench
+from search.loop import public_url as _public_url
 from search.space import model_labels
 
 BOOTSTRAP_RESAMPLES = 2000
@@ -62,16 +63,6 @@ class Row:
 
 
 # --- reading the study --------------------------------------------------------------------------------
-
-def _public_url(url: str) -> str:
-    """The storage URL without its password, fit to print and to write into recipes."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url
-
 
 def _sqlite_file(url: str) -> Path | None:
     from sqlalchemy.engine import make_url
