@@ -42,8 +42,9 @@ def offline_defaults() -> None:
 
 @functools.lru_cache(maxsize=1)
 def _live_hflm_class():
-    """``HFLM`` that memoizes tokenization (prompts never change between candidates) and decodes greedily
-    with one fixed generation config, whatever ``generation_config.json`` each model came with."""
+    """``HFLM`` that memoizes tokenization (prompts never change between candidates), decodes greedily
+    with one fixed generation config, whatever ``generation_config.json`` each model came with, and never
+    draws a progress bar of its own (the search draws one)."""
     from lm_eval.models.huggingface import HFLM
     from transformers import GenerationConfig
 
@@ -71,6 +72,10 @@ def _live_hflm_class():
                 self._batch_encoded[key] = super().tok_batch_encode(strings, padding_side, left_truncate_len,
                                                                     truncation)
             return self._batch_encoded[key]
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+            # ``loglikelihood_rolling`` asks for a progress bar per batch whatever its caller says: never one.
+            return super()._loglikelihood_tokens(requests, disable_tqdm=True, override_bs=override_bs)
 
         def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
             for key in SAMPLING_KEYS:
@@ -275,10 +280,26 @@ class LmEvalEvaluator:
         self._requests = _Requests(tokenizer=tokenizer, by_type=dict(by_type), docs=docs)
         return self._requests
 
-    def _task_score(self, name: str, docs: list[tuple[dict, list]]) -> TaskScore:
-        """lm-eval's filters, per-document ``process_results`` and aggregations, per-document values kept."""
-        from lm_eval.api.metrics import mean
+    def metric_directions(self) -> dict[str, dict[str, bool]]:
+        """Per task, each reported metric's direction (True: higher is better), known before any scoring,
+        so a config's objective can be checked without loading a model."""
+        return {name: {key: self._higher_is_better(task, key.split(",")[0]) for key in self._metrics[name]}
+                for name, task in self._tasks.items()}
+
+    @staticmethod
+    def _higher_is_better(task: Any, metric: str) -> bool:
         from lm_eval.api.registry import is_higher_better
+
+        direction = task.higher_is_better().get(metric)
+        return bool(is_higher_better(metric) if direction is None else direction)
+
+    def _task_score(self, name: str, docs: list[tuple[dict, list]]) -> TaskScore:
+        """lm-eval's filters, per-document ``process_results`` and aggregations, per-document values kept.
+
+        (log-likelihood, units) pairs of corpus-level metrics (``loglikelihood_rolling`` tasks) are kept as
+        ``samples`` and ``counts``; lm-eval's ``perplexity`` (per-document log-likelihoods, aggregated as
+        exp(-mean)) as the same with one unit per document, so both bootstrap as ratios of sums."""
+        from lm_eval.api.metrics import mean, perplexity
 
         task = self._tasks[name]
         task.apply_filters()
@@ -290,16 +311,21 @@ class LmEvalEvaluator:
                 for metric, value in results.items():
                     per_doc[metric if len(filters) == 1 else f"{metric},{filter_name}"].append(value)
         aggregations = task.aggregation()
-        directions = task.higher_is_better()
-        metrics, higher, samples = {}, {}, {}
+        metrics, higher, samples, counts = {}, {}, {}, {}
         for key in self._metrics[name]:
             metric = key.split(",")[0]
             if key not in per_doc:
                 raise EvomergeError(f"task {name!r} produced no {key!r} values (got: {', '.join(per_doc)})")
             values = per_doc[key]
-            metrics[key] = float(aggregations.get(metric, mean)(values))
-            direction = directions.get(metric)
-            higher[key] = bool(is_higher_better(metric) if direction is None else direction)
+            aggregation = aggregations.get(metric, mean)
+            metrics[key] = float(aggregation(values))
+            higher[key] = self._higher_is_better(task, metric)
             if all(isinstance(v, (numbers.Real, bool)) for v in values):
                 samples[key] = [float(v) for v in values]
-        return TaskScore(metrics=metrics, higher_is_better=higher, samples=samples, n=len(docs))
+                if aggregation is perplexity:
+                    counts[key] = [1.0] * len(values)
+            elif all(isinstance(v, tuple) and len(v) == 2 and all(isinstance(x, numbers.Real) for x in v)
+                     for v in values):
+                samples[key] = [float(ll) for ll, _ in values]
+                counts[key] = [float(units) for _, units in values]
+        return TaskScore(metrics=metrics, higher_is_better=higher, samples=samples, n=len(docs), counts=counts)

@@ -19,7 +19,8 @@ class PerplexityEvaluator:
     The tokens are cut into consecutive chunks of ``context_length`` tokens, or of the model's
     ``max_position_embeddings`` if shorter (each chunk scored from its own start, its first token only as
     context), so every model of a family is scored on exactly the same tokens. Per-chunk values are kept as
-    samples: ``nll`` (mean negative log-likelihood per token) and ``perplexity``.
+    samples: ``nll`` (mean negative log-likelihood per token), and for ``perplexity``, a corpus-level metric,
+    each chunk's log-likelihood with its token count in ``counts`` (see ``TaskScore``).
     """
 
     def __init__(self, text_file: str | Path, *, max_tokens: int = 4096, context_length: int = 256,
@@ -85,6 +86,6 @@ class PerplexityEvaluator:
         chunk_nll = [s / c for s, c in zip(nll_sums, counts)]
         task = TaskScore(metrics={"perplexity": math.exp(mean_nll), "nll": mean_nll},
                          higher_is_better={"perplexity": False, "nll": False},
-                         samples={"perplexity": [math.exp(x) for x in chunk_nll], "nll": chunk_nll},
-                         n=len(chunks))
+                         samples={"perplexity": [-x for x in nll_sums], "nll": chunk_nll},
+                         n=len(chunks), counts={"perplexity": list(counts)})
         return Scores(tasks={self.task_name: task}, seconds=time.perf_counter() - start)

@@ -68,7 +68,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from search.loop import search
 
     config, config_dir = _search_config(args)
-    study = search(config, config_dir=config_dir, progress=not args.quiet)
+    study = search(config, config_dir=config_dir, progress=not args.quiet, rerun=_rerun(args))
     _print_outcome(study)
     _require_complete_trial(study)
     if not args.no_report:
@@ -83,6 +83,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 def _print_outcome(study) -> None:
     from optuna.trial import TrialState
 
+    from search.formatting import decimals_for_differences, decimals_to_separate
+
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
     if not complete:
@@ -90,9 +92,12 @@ def _print_outcome(study) -> None:
         return
     best = max(complete, key=lambda t: t.value)
     baselines = study.user_attrs.get("baselines", {})
-    best_source = max(((v["objective"], k) for k, v in baselines.items()), default=(float("nan"), "?"))
-    print(f"{len(complete)} trials complete, {len(failed)} failed; best trial {best.number}: {best.value:.4f} "
-          f"(best source {best_source[1]}: {best_source[0]:.4f})")
+    reference = max(((v["objective"], k) for k, v in baselines.items()), default=(float("nan"), "?"))
+    d = decimals_to_separate([best.value, reference[0]], minimum=4)
+    delta = best.value - reference[0]
+    print(f"{len(complete)} trials complete, {len(failed)} failed; best trial {best.number}: {best.value:.{d}f} "
+          f"({delta:+.{decimals_for_differences([delta], minimum=4)}f} vs the best of base and sources, "
+          f"{reference[1]}: {reference[0]:.{d}f})")
 
 
 def _require_complete_trial(study) -> None:
@@ -114,7 +119,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from search.loop import check_config
 
     config, config_dir = _search_config(args)
-    summary = check_config(config, config_dir)
+    summary = check_config(config, config_dir, rerun=_rerun(args))
     table = Table(title=f"{args.config}: valid", show_header=False)
     for key, value in summary.items():
         shown = "\n".join(f"{k}: {v}" for k, v in value.items()) if isinstance(value, dict) else (
@@ -131,6 +136,17 @@ def _add_search_options(p) -> None:
     p.add_argument("--n-trials", type=int, default=None, help="total number of trials in the study")
     p.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
     p.add_argument("--device", default=None, help="cpu or cuda")
+    rerun = p.add_mutually_exclusive_group()
+    rerun.add_argument("--new-study", action="store_true",
+                       help="the study stored here was made with another config: start a new one (the default "
+                            "SQLite file is renamed aside, never deleted)")
+    rerun.add_argument("--continue-anyway", action="store_true",
+                       help="the study stored here was made with another config: continue it with this one "
+                            "(the old config is kept in the study; baselines are rescored)")
+
+
+def _rerun(args: argparse.Namespace) -> str:
+    return "new" if args.new_study else "continue" if args.continue_anyway else "check"
 
 
 def _add_search(sub) -> None:

@@ -379,7 +379,112 @@ def _set_user_attrs(study: optuna.Study, trial: optuna.Trial, attrs: dict[str, A
             backend._set_trial_attr_without_commit(session, TrialUserAttributeModel, trial._trial_id, key, value)
 
 
-def create_study(config: SearchConfig, bench: Workbench) -> optuna.Study:
+# Config fields a rerun may change and still continue its study: the budget and where and how it runs.
+# Every other field (method, models, base, parameters, fixed, tasks and metrics, limit, num_fewshot, dtype,
+# seed, block size, include path, and fields added later) changes the objective or the space.
+RERUN_FREE_FIELDS = frozenset({"n_trials", "timeout", "threads", "batch_size", "device", "sampler", "storage",
+                               "study_name", "output_dir", "name"})
+RERUN_CHOICES = ("check", "new", "continue")
+
+
+def config_differences(stored: dict[str, Any], config: SearchConfig) -> list[str]:
+    """``field: old → new`` for every field outside ``RERUN_FREE_FIELDS`` where the study's stored config and
+    ``config`` differ (nested fields by path, e.g. ``tasks[0].metric``)."""
+    try:  # a config stored by an older evomerge gets the defaults of fields added since
+        stored = json.loads(SearchConfig.model_validate(stored).model_dump_json())
+    except Exception:
+        pass
+    new = json.loads(config.model_dump_json())
+    shown = lambda value: (lambda text: text if len(text) <= 80 else text[:77] + "...")(json.dumps(value))  # noqa: E731
+    found: list[str] = []
+
+    def walk(path: str, old: Any, now: Any) -> None:
+        if isinstance(old, dict) and isinstance(now, dict):
+            for key in [*now, *(k for k in old if k not in now)]:
+                walk(f"{path}.{key}", old.get(key), now.get(key))
+        elif isinstance(old, list) and isinstance(now, list) and len(old) == len(now):
+            for i, (a, b) in enumerate(zip(old, now)):
+                walk(f"{path}[{i}]", a, b)
+        elif old != now:
+            found.append(f"{path}: {shown(old)} → {shown(now)}")
+
+    for key in [*new, *(k for k in stored if k not in new)]:
+        if key not in RERUN_FREE_FIELDS:
+            walk(key, stored.get(key), new.get(key))
+    return found
+
+
+def changed_config_error(config: SearchConfig, changes: list[str]) -> EvomergeError:
+    return EvomergeError(
+        f"study {config.study!r} in {public_url(config.storage_url)} was made with another config ({'; '.join(changes)}): "
+        "give --new-study to start a new study (the old one is kept), or --continue-anyway to go on with "
+        "this config (trials so far keep the values of the old objective)")
+
+
+def reconcile_config(study: optuna.Study, config: SearchConfig, rerun: str = "check") -> None:
+    """A rerun whose config changes the objective or the space stops (``check``), unless ``continue``: then
+    the config is replaced (the old one and its baselines kept in ``config_history``) and baselines rescored."""
+    stored = study.user_attrs["config"]
+    changes = config_differences(stored, config)
+    if not changes:
+        return
+    if rerun != "continue":
+        raise changed_config_error(config, changes)
+    history = list(study.user_attrs.get("config_history", []))
+    history.append({"config": stored, "baselines": study.user_attrs.get("baselines", {}),
+                    "trials": len(study.get_trials(deepcopy=False)), "changes": changes})
+    study.set_user_attr("config_history", history)
+    study.set_user_attr("config", json.loads(config.model_dump_json()))
+    study.set_user_attr("baselines", {})
+
+
+def stored_study_config(config: SearchConfig) -> dict[str, Any] | None:
+    """The config stored by an existing study of this name (read-only), or None when there is none."""
+    if config.storage is None and not (config.run_dir / "study.db").is_file():
+        return None
+    try:
+        storage = RDBStorage(config.storage_url, skip_table_creation=True)
+        return optuna.load_study(study_name=config.study, storage=storage).user_attrs.get("config")
+    except Exception:  # no such study (or no reachable storage): nothing to compare with
+        return None
+
+
+def set_aside_study(config: SearchConfig) -> Path | None:
+    """Make room for a new study: the default SQLite file (with its WAL files) is renamed, never deleted;
+    a study of this name in a given storage is refused, as it cannot be moved."""
+    if config.storage is not None:
+        if stored_study_config(config) is not None:
+            raise EvomergeError(f"--new-study: {public_url(config.storage_url)} already holds study {config.study!r}, "
+                                "which is never removed: give a new --study-name")
+        return None
+    db = config.run_dir / "study.db"
+    if not db.is_file():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    moved = db.with_name(f"study-{stamp}.db")
+    for n in range(2, 1000):  # a second new study within the same second must not replace the first one
+        if not any(Path(f"{moved}{suffix}").exists() for suffix in ("", "-wal", "-shm")):
+            break
+        moved = db.with_name(f"study-{stamp}-{n}.db")
+    for suffix in ("", "-wal", "-shm"):
+        if Path(f"{db}{suffix}").exists():
+            os.replace(f"{db}{suffix}", f"{moved}{suffix}")
+    print(f"previous study moved to {moved} (its report: evomerge report {config.run_dir} "
+          f"--storage sqlite:///{moved.as_posix()})", flush=True)
+    return moved
+
+
+def public_url(url: str) -> str:
+    """The storage URL without its password, fit to print and to write into recipes."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url
+
+
+def create_study(config: SearchConfig, bench: Workbench, rerun: str = "check") -> optuna.Study:
     storage = open_storage(config)
     handwritten = handwritten_point(config, bench.dims)
     study = optuna.create_study(study_name=config.study, storage=storage, direction="maximize",
@@ -388,6 +493,8 @@ def create_study(config: SearchConfig, bench: Workbench) -> optuna.Study:
         study.set_user_attr("config", json.loads(config.model_dump_json()))
         study.set_user_attr("evomerge_version", _version())
         study.enqueue_trial(handwritten, user_attrs={"handwritten": True}, skip_if_exists=True)
+    else:
+        reconcile_config(study, config, rerun)
     return study
 
 
@@ -447,18 +554,23 @@ def _check_repeated_failure(recent: list[str], frozen: optuna.trial.FrozenTrial)
 
 
 def search(config: SearchConfig, *, config_dir: Path | None = None, evaluator=None, progress: bool = True,
-           on_trial=None) -> optuna.Study:
-    """Run (or resume) the study until its budget is spent or the user stops it.
+           on_trial=None, rerun: str = "check") -> optuna.Study:
+    """Run (or resume) the study until its budget is spent or the user stops it. ``rerun`` says what a study
+    stored with a different config gets (see ``reconcile_config``): ``check`` (stop), ``new``, ``continue``.
 
     Everything ``evomerge validate`` checks is checked before the storage is touched; a start that fails
     later (a baseline that cannot be scored) leaves no study, file or directory it created behind."""
+    if rerun not in RERUN_CHOICES:
+        raise EvomergeError(f"rerun must be one of {', '.join(RERUN_CHOICES)}, got {rerun!r}")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     config = self_contained(config, config_dir)
     evaluator = preflight(config, config_dir, evaluator).evaluator
     bench = open_workbench(config, config_dir, evaluator)
+    if rerun == "new":
+        set_aside_study(config)
     created, study = _new_paths(config), None
     try:
-        study = create_study(config, bench)
+        study = create_study(config, bench, rerun)
         fail_orphaned_trials(study, config.grace_seconds)
         baselines = score_baselines(study, bench)
     except Exception as exc:
@@ -512,13 +624,14 @@ def _optimize(study: optuna.Study, bench: Workbench, config: SearchConfig, basel
 
 
 class _progress:
-    """A rich progress bar: trials done, best so far, and the source baselines to beat."""
+    """A rich progress bar: trials done, the best so far and its difference to the best model it started from."""
 
     def __init__(self, enabled: bool, config: SearchConfig, baselines: dict[str, Any]):
         self.enabled = enabled
         self.config = config
-        best_source = max((b["objective"] for b in baselines.values()), default=float("nan"))
-        self.baseline_text = f"best source {best_source:.3f}"
+        self.reference = max(((b["objective"], label) for label, b in baselines.items()), default=None)
+        self.baseline_text = ("" if self.reference is None else
+                              f"best of base and sources: {self.reference[1]} {self.reference[0]:.3f}")
 
     def __enter__(self):
         if not self.enabled:
@@ -533,11 +646,7 @@ class _progress:
         return self.update
 
     def update(self, done: list[optuna.trial.FrozenTrial], frozen) -> None:
-        complete = [t for t in done if t.state == TrialState.COMPLETE]
-        best = max((t.value for t in complete), default=float("nan"))
-        last = f"trial {frozen.number}: " + (f"{frozen.value:.3f}" if frozen.state == TrialState.COMPLETE
-                                             else f"failed ({frozen.user_attrs.get('fail_reason', '?')})")
-        self.bar.update(self.task, completed=len(done), status=f"best {best:.3f} · {self.baseline_text} · {last}")
+        self.bar.update(self.task, completed=len(done), status=progress_status(done, frozen, self.reference))
 
     def __exit__(self, *exc):
         if self.enabled:
@@ -545,12 +654,35 @@ class _progress:
         return False
 
 
-def check_config(config: SearchConfig, config_dir: Path | None = None) -> dict[str, Any]:
+def progress_status(done: list[optuna.trial.FrozenTrial], frozen, reference: tuple[float, str] | None) -> str:
+    """``best 0.16113 (+0.0012 vs base 0.15993) · trial 7: 0.15871``: as many decimals as it takes to tell
+    the best, the reference and the last trial apart, and the difference with two significant digits."""
+    from search.formatting import decimals_for_differences, decimals_to_separate
+
+    complete = [t.value for t in done if t.state == TrialState.COMPLETE]
+    best = max(complete, default=float("nan"))
+    last = frozen.value if frozen.state == TrialState.COMPLETE else None
+    shown = [best, *([reference[0]] if reference else []), *([last] if last is not None else [])]
+    d = decimals_to_separate(shown)
+    text = f"best {best:.{d}f}"
+    if reference is not None and best == best:
+        delta = best - reference[0]
+        text += f" ({delta:+.{decimals_for_differences([delta])}f} vs {reference[1]} {reference[0]:.{d}f})"
+    return text + f" · trial {frozen.number}: " + (
+        f"{last:.{d}f}" if last is not None else f"failed ({frozen.user_attrs.get('fail_reason', '?')})")
+
+
+def check_config(config: SearchConfig, config_dir: Path | None = None, rerun: str = "check") -> dict[str, Any]:
     """What ``evomerge validate`` checks without running (``search.preflight``, the checks ``search`` runs
-    before touching its storage). Returns a summary for display."""
+    before touching its storage), and that an existing study of this name was made with this config (as
+    ``search`` would check). Returns a summary for display."""
     config = self_contained(config, config_dir)
     checked = preflight(config, config_dir)
     evaluator = checked.evaluator
+    stored = stored_study_config(config) if rerun == "check" else None
+    changes = config_differences(stored, config) if stored else []
+    if changes:
+        raise changed_config_error(config, changes)
     return {"models": checked.paths, "layers": checked.num_layers, "dimensions": [d.key for d in checked.dims],
             "tensors": checked.tensors,
             "tasks": list(getattr(evaluator, "task_names", [t.name for t in config.tasks])),

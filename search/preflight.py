@@ -241,6 +241,27 @@ def check_tasks(config: SearchConfig, evaluator: Any) -> None:
                                 f"(it produces: {', '.join(produced[task.name])})")
 
 
+def check_objective(config: SearchConfig, evaluator: Any) -> None:
+    """Every task's objective metric exists and can enter the objective, checked from the tasks' definitions
+    before any model is scored (``validate`` and ``search`` alike). Evaluators that cannot say their metrics
+    before scoring (``metric_directions``) are checked on the first scores instead."""
+    from evaluators.base import check_objective_metric
+
+    directions = getattr(evaluator, "metric_directions", None)
+    if directions is None:
+        return
+    known = directions()
+    for task in config.tasks:
+        if task.name not in known:
+            continue  # a group name: its member tasks are what the evaluator scores
+        metrics = known[task.name]
+        metric = task.metric or next(iter(metrics))
+        if metric not in metrics:
+            raise EvomergeError(f"tasks[{config.tasks.index(task)}].metric: task {task.name!r} has no metric "
+                                f"{metric!r} (it has: {', '.join(metrics)})")
+        check_objective_metric(task.name, metric, metrics[metric])
+
+
 def preflight(config: SearchConfig, config_dir: Path | None = None, evaluator: Any = None) -> Preflight:
     """All checks, cheapest first; ``evaluator`` (else one built from the config) is checked and kept."""
     check_device(config.device)
@@ -254,4 +275,5 @@ def preflight(config: SearchConfig, config_dir: Path | None = None, evaluator: A
     tensors = check_recipes(config, dims, num_layers, readers)
     evaluator = evaluator or build_checked_evaluator(config)
     check_tasks(config, evaluator)
+    check_objective(config, evaluator)
     return Preflight(paths, num_layers, dims, tensors, evaluator)

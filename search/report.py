@@ -25,7 +25,7 @@ import pandas as pd
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from evaluators.base import RECIPROCAL_METRICS, Scores
+from evaluators.base import PROBABILITY_FORMS, Scores, comparable_value, corpus_probability
 from merge_core.architecture import parse_layer
 from merge_core.checkpoint import check_writable_dir
 from merge_core.engine import merge as merge_to_disk
@@ -34,7 +34,9 @@ from merge_core.errors import EvomergeError
 from merge_core.plan import plan_merge
 from merge_core.recipe import Provenance, load_recipe, validate
 from search.config import SearchConfig
+from search.formatting import decimals_for_differences, decimals_to_separate
 from search.loop import build_evaluator, objective_of, open_workbench
+from search.loop import public_url as _public_url
 from search.space import model_labels
 
 BOOTSTRAP_RESAMPLES = 2000
@@ -63,16 +65,6 @@ class Row:
 
 
 # --- reading the study --------------------------------------------------------------------------------
-
-def _public_url(url: str) -> str:
-    """The storage URL without its password, fit to print and to write into recipes."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url
-
 
 def parse_storage_url(url: str):
     """The storage URL parsed (SQLAlchemy's ``URL``), or a one-line error for one that is not a URL at all."""
@@ -213,31 +205,51 @@ def _task_metrics(config: SearchConfig, scores: Scores) -> list[tuple[str, str, 
     return [(t.name, t.metric or scores.tasks[t.name].primary_metric, t.weight) for t in config.tasks]
 
 
-def _aggregate(resampled: np.ndarray, metric: str, higher_is_better: bool) -> np.ndarray:
-    """Each resample's task value as ``comparable_value`` makes it (perplexity → 1/geometric-mean ppl)."""
-    if higher_is_better:
-        return resampled.mean(axis=1)
-    if metric in RECIPROCAL_METRICS:
-        return np.exp(-np.log(resampled).mean(axis=1))
-    raise EvomergeError(f"metric {metric!r} is lower-is-better and cannot enter the objective")
+def _resampled(task: Any, metric: str, idx: np.ndarray) -> np.ndarray | None:
+    """Each resample's task value in the objective's (higher-is-better) form: the mean of per-document
+    values, or for a corpus-level metric the ratio of sums recomputed (``corpus_probability``). None when
+    the metric has no per-document form to resample."""
+    x = np.asarray(task.samples.get(metric, []), dtype=float)
+    if metric in task.counts:
+        return corpus_probability(x[idx], np.asarray(task.counts[metric], dtype=float)[idx], axis=1)
+    if task.higher_is_better.get(metric, True):
+        return x[idx].mean(axis=1)
+    return None
+
+
+def ci_method(scores: Scores, task: str, metric: str) -> str:
+    """How the leaderboard's CI treats this task's metric, in words (shown under the table)."""
+    score = scores.tasks[task]
+    if not score.samples.get(metric):
+        return "no CI: the evaluator kept no per-document values"
+    if metric in score.counts:
+        return ("documents resampled, the corpus-level value recomputed as a ratio of sums "
+                "(exp(Σ log-likelihood / Σ units))")
+    if score.higher_is_better.get(metric, True):
+        return "documents resampled, the mean of per-document values recomputed"
+    return "no CI: lower-is-better per-document values with no corpus-level form"
 
 
 def paired_bootstrap(a: Scores, b: Scores, config: SearchConfig, *, resamples: int = BOOTSTRAP_RESAMPLES,
                      seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
     """95% CI of objective(a) − objective(b): documents are resampled with the same indices for both models
-    (per task), so the CI reflects how the two differ on the same items, not the items' own spread.
-    NaN when a task lacks per-sample values or the two were scored on different documents."""
+    (per task), so the CI reflects how the two differ on the same items, not the items' own spread. Each
+    resample's task value is what the objective takes: a mean of per-document values, or a corpus-level
+    metric recomputed from the resampled documents' sums (e.g. 1/byte_perplexity = exp(Σ ll / Σ bytes)).
+    NaN when a task lacks per-document values or the two were scored on different documents."""
     rng = np.random.default_rng(seed)
     total = sum(t.weight for t in config.tasks)
     diff = np.zeros(resamples)
     for task, metric, weight in _task_metrics(config, a):
-        xa = np.asarray(a.tasks[task].samples.get(metric, []), dtype=float)
-        xb = np.asarray(b.tasks[task].samples.get(metric, []), dtype=float)
-        if xa.size == 0 or xa.shape != xb.shape:
+        ta, tb = a.tasks[task], b.tasks[task]
+        size = len(ta.samples.get(metric, []))
+        if size == 0 or size != len(tb.samples.get(metric, [])):
             return math.nan, math.nan
-        idx = rng.integers(0, xa.size, size=(resamples, xa.size))
-        better = a.higher_is_better(task, metric)
-        diff += weight / total * (_aggregate(xa[idx], metric, better) - _aggregate(xb[idx], metric, better))
+        idx = rng.integers(0, size, size=(resamples, size))
+        va, vb = _resampled(ta, metric, idx), _resampled(tb, metric, idx)
+        if va is None or vb is None:
+            return math.nan, math.nan
+        diff += weight / total * (va - vb)
     low, high = np.percentile(diff, [2.5, 97.5])
     return float(low), float(high)
 
@@ -304,12 +316,40 @@ def _read_test_cache(path: Path) -> dict[str, Any]:
 
 # --- tables -------------------------------------------------------------------------------------------
 
+def reference_row(rows: list[Row], config: SearchConfig) -> Row | None:
+    """What a merge must beat: the best of the base and the sources on the search split."""
+    starts = [r for r in rows if r.role in ("base", "source")]
+    return max(starts, key=lambda r: objective_of(r.search, config), default=None)
+
+
+def _probability(scores: Scores, task: str, metric: str) -> float | None:
+    return comparable_value(scores, task, metric) if metric.split(",")[0] in PROBABILITY_FORMS else None
+
+
+def perplexity_flags(rows: list[Row], config: SearchConfig, split: str) -> dict[str, str]:
+    """Rows whose perplexity on a task exceeds 2× the best (lowest) of the base and the sources: a broken
+    language model, whatever its average says. bits_per_byte counts through its perplexity, 2^bits_per_byte."""
+    starts = [r for r in rows if r.role in ("base", "source")]
+    flags: dict[str, list[str]] = {}
+    for task, metric, _ in _task_metrics(config, starts[0].search) if starts else []:
+        best = max((_probability(getattr(r, split), task, metric) or 0.0 for r in starts), default=0.0)
+        for row in rows:
+            value = _probability(getattr(row, split), task, metric)
+            if value is not None and value < best / 2:
+                flags.setdefault(row.name, []).append(f"{task} perplexity > 2× best source ({split})")
+    return {name: "; ".join(found) for name, found in flags.items()}
+
+
 def leaderboard_frame(rows: list[Row], config: SearchConfig) -> pd.DataFrame:
     """One row per leaderboard row; per split: each task's metric, the objective, and its difference to the
-    best source model (chosen on the search split) with a paired bootstrap 95% CI."""
-    sources = [r for r in rows if r.role == "source"] or [r for r in rows if r.role == "base"]
-    reference = max(sources, key=lambda r: objective_of(r.search, config), default=None)
+    best of the base and the sources (chosen on the search split; ``frame.attrs["reference"]`` names it) with
+    a paired bootstrap 95% CI. Rows that break a perplexity get a ``flag``."""
+    reference = reference_row(rows, config)
     splits = [s for s in SPLITS if all(getattr(r, s) is not None for r in rows)]
+    flags: dict[str, str] = {}
+    for split in splits:
+        for name, flag in perplexity_flags(rows, config, split).items():
+            flags[name] = "; ".join(filter(None, [flags.get(name), flag]))
     records = []
     for row in rows:
         record: dict[str, Any] = {"model": row.name, "role": row.role,
@@ -325,24 +365,33 @@ def leaderboard_frame(rows: list[Row], config: SearchConfig) -> pd.DataFrame:
                 delta = objective_of(scores, config) - objective_of(ref_scores, config)
                 record[f"Δ vs {reference.name} ({split})"] = delta
                 record[f"Δ CI low ({split})"], record[f"Δ CI high ({split})"] = low, high
+        if flags:
+            record["flag"] = flags.get(row.name, "")
         records.append(record)
-    return pd.DataFrame.from_records(records)
+    frame = pd.DataFrame.from_records(records)
+    frame.attrs["reference"] = f"{reference.name} ({reference.role})" if reference is not None else None
+    return frame
 
 
 def display_frame(frame: pd.DataFrame) -> pd.DataFrame:
-    """The leaderboard as text: 3 decimals, and each difference with its CI in one cell."""
+    """The leaderboard as text: per column, enough decimals (at least 3) to tell its rows apart, each
+    difference with two significant digits and its CI in one cell ("no CI" where none can be computed)."""
     shown = pd.DataFrame({"model": frame["model"], "role": frame["role"]})
     for column in frame.columns[3:]:
         if column.startswith("Δ CI "):
             continue
-        if column.startswith("Δ vs "):
+        if column == "flag":
+            shown[column] = frame[column]
+        elif column.startswith("Δ vs "):
             split = column.rsplit("(", 1)[1]
             low, high = frame[f"Δ CI low ({split}"], frame[f"Δ CI high ({split}"]
+            d = decimals_for_differences(frame[column])
             shown[column + " [95% CI]"] = [
-                f"{d:+.3f}" + ("" if math.isnan(lo) else f" [{lo:+.3f}, {hi:+.3f}]")
-                for d, lo, hi in zip(frame[column], low, high)]
+                f"{v:+.{d}f}" + (" (no CI)" if math.isnan(lo) else f" [{lo:+.{d}f}, {hi:+.{d}f}]")
+                for v, lo, hi in zip(frame[column], low, high)]
         else:
-            shown[column] = [f"{v:.3f}" for v in frame[column]]
+            d = decimals_to_separate(frame[column])
+            shown[column] = [f"{v:.{d}f}" for v in frame[column]]
     return shown
 
 
@@ -504,16 +553,30 @@ def _embedded(png: Path) -> str:
     return f'<figure><img src="data:image/png;base64,{data}" alt="{png.stem}"></figure>'
 
 
+def leaderboard_notes(frame: pd.DataFrame, rows: list[Row], config: SearchConfig) -> list[str]:
+    """What the leaderboard's Δ and CI columns mean, per task metric of the objective."""
+    reference = frame.attrs.get("reference")
+    notes = [f"Δ: difference of the objective (the weighted average) to {reference}, the best of the base and "
+             "the sources on the search split. CI: paired bootstrap 95% over documents, per task metric:"
+             if reference else "Δ: no base or source was scored."]
+    scores = rows[0].search
+    notes += [f"{task} {metric}: {ci_method(scores, task, metric)}" for task, metric, _ in _task_metrics(config, scores)]
+    lower = sorted({m for _, m, _ in _task_metrics(config, scores) if m.split(",")[0] in PROBABILITY_FORMS})
+    if lower:
+        notes.append(f"Lower-is-better {', '.join(lower)} enter the objective as the geometric-mean probability "
+                     "per unit (1/perplexity, 2^-bits_per_byte); the task columns show the metric itself.")
+    return notes
+
+
 def write_html(path: Path, *, title: str, facts: dict[str, Any], table: pd.DataFrame, plots: list[Path],
-               recipe_text: str) -> Path:
+               recipe_text: str, notes: list[str] | None = None) -> Path:
     facts_html = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items())
     style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f4f4f4}"
              "img{max-width:100%}pre{background:#f7f7f7;padding:1em;overflow:auto}")
     body = (f"<h1>{html.escape(title)}</h1><table>{facts_html}</table><h2>Leaderboard</h2>"
             f"{table.to_html(index=False, border=0)}"
-            "<p>Δ: difference of the weighted average to the best source model (chosen on the search split), "
-            "with a paired bootstrap 95% CI over documents.</p>"
+            + "".join(f"<p>{html.escape(note)}</p>" for note in notes or []) +
             f"<h2>Plots</h2>{''.join(_embedded(p) for p in plots)}"
             f"<h2>Best recipe</h2><pre>{html.escape(recipe_text)}</pre>")
     path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
@@ -556,7 +619,8 @@ def _write_report(run_dir: Path, rdb: RDBStorage, storage: str, study_name: str 
     shown = display_frame(frame)
     frame.to_csv(run_dir / "leaderboard.csv", index=False)
     leaderboard_md = markdown_table(shown)
-    (run_dir / "leaderboard.md").write_text(f"# Leaderboard: {study.study_name}\n\n{leaderboard_md}")
+    notes = "".join(f"- {note}\n" for note in leaderboard_notes(frame, rows, config))
+    (run_dir / "leaderboard.md").write_text(f"# Leaderboard: {study.study_name}\n\n{leaderboard_md}\n{notes}")
 
     best = ranked[0]
     best_path = export_recipe(best, run_dir / "best_recipe.yaml", storage=storage_url, study=study.study_name)
@@ -578,13 +642,14 @@ def _write_report(run_dir: Path, rdb: RDBStorage, storage: str, study_name: str 
     facts = {"study": study.study_name, "storage": storage_url, "method": config.method,
              "trials": f"{states[TrialState.COMPLETE]} complete, {states[TrialState.RUNNING]} running, "
                        f"{states[TrialState.FAIL]} failed",
-             "best": f"trial {best.number}: {best.value:.4f} (search split)",
+             "best": f"trial {best.number}: {best.value:.6g} (search split)",
              "tasks": ", ".join(f"{t.name} ×{t.weight:g}" for t in config.tasks),
              "evomerge": study.user_attrs.get("evomerge_version", "?")}
     if states[TrialState.RUNNING]:
         facts["note"] = "the search is still running: this report is a snapshot"
     report = write_html(run_dir / "report.html", title=f"evomerge report: {study.study_name}", facts=facts,
-                        table=shown, plots=plots, recipe_text=best_path.read_text())
+                        table=shown, plots=plots, recipe_text=best_path.read_text(),
+                        notes=leaderboard_notes(frame, rows, config))
     if merge:
         write_best_model(best_path, run_dir / "best_model", leaderboard_md)
     return report
