@@ -17,6 +17,7 @@ _LAYER = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|layer|h|blocks|block))\.(?P
 _PRE = re.compile(r"(embed|wte|wpe|word_embeddings|position_embeddings|tok_embeddings)")
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 _LM_HEAD_NAMES = ("lm_head.weight", "embed_out.weight")
+_POSITION = re.compile(r"(position|wpe|token_type)")
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,8 @@ def is_pre_weight(name: str) -> bool:
 
 
 def is_embedding(name: str) -> bool:
-    """Tensors indexed by token id: input embeddings and the LM head."""
-    return bool(_PRE.search(name)) and "position" not in name or name in _LM_HEAD_NAMES
+    """Tensors indexed by token id: input embeddings and the LM head (not position or token-type tables)."""
+    return bool(_PRE.search(name)) and not _POSITION.search(name) or name in _LM_HEAD_NAMES
 
 
 def layer_count_key(config: dict) -> str | None:
@@ -66,7 +67,7 @@ def count_layers(names: list[str], config: dict, model: str) -> int:
 
 def tied_embedding_name(names: list[str]) -> str | None:
     """The input-embedding tensor an absent LM head is tied to."""
-    return next((n for n in names if is_pre_weight(n) and "position" not in n and n.endswith("weight")), None)
+    return next((n for n in names if is_embedding(n) and n not in _LM_HEAD_NAMES and n.endswith("weight")), None)
 
 
 def with_layer_count(config: dict, source_layers: list[int], num_layers_in: int) -> dict:
