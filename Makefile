@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test test-fast lint demo bench clean
 
 setup: $(STAMP)
 
@@ -26,8 +26,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -e '.[dev]'
 	@touch $@
 
-test: setup
+test: setup lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# the edit-test loop: everything but the tests marked slow (training, searches, worker crashes)
+test-fast: setup lint
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
 
 demo: setup
 	$(BIN)/evomerge demo

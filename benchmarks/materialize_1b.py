@@ -27,11 +27,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from merge_vs_mergekit import model_family  # noqa: E402
+
 from merge_core import load_recipe, merge  # noqa: E402
 from merge_core.checkpoint import CheckpointReader  # noqa: E402
 from merge_core.engine import merge_into  # noqa: E402
 from merge_core.memory import TensorSource  # noqa: E402
-from merge_vs_mergekit import model_family  # noqa: E402
 from search.loop import PRECOMPUTE_BYTES  # noqa: E402
 
 

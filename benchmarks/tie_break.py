@@ -46,7 +46,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     base = (0.02 * torch.randn(shape, generator=gen)).bfloat16()
     tensors = [base] + [(base.float() + 0.002 * torch.randn(shape, generator=gen)).bfloat16() for _ in range(3)]
-    print(f"| method | index s (CPU s) | mergekit s (CPU s) | wall ratio | entries differing |")
+    print("| method | index s (CPU s) | mergekit s (CPU s) | wall ratio | entries differing |")
     print("| --- | --- | --- | --- | --- |")
     for name, extra in METHODS.items():
         method = get_method(name)

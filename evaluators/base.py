@@ -108,8 +108,8 @@ def check_objective_metric(task: str, metric: str, higher_is_better: bool) -> No
     (brier_score, nll…), which would otherwise be silently negated into an average with accuracies."""
     if not higher_is_better and metric.split(",")[0] not in PROBABILITY_FORMS:
         raise EvomergeError(f"task {task!r}: metric {metric!r} is lower-is-better and has no higher-is-better form "
-                            f"for the objective (lower-is-better metrics it takes: {', '.join(sorted(PROBABILITY_FORMS))}"
-                            f"); pick another metric")
+                            "for the objective (lower-is-better metrics it takes: "
+                            f"{', '.join(sorted(PROBABILITY_FORMS))}); pick another metric")
 
 
 def comparable_value(scores: Scores, task: str, metric: str | None = None) -> float:

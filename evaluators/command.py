@@ -8,10 +8,9 @@ import json
 import os
 from pathlib import Path
 
+from evaluators.base import Scores
 from merge_core.checkpoint import check_writable_dir
 from merge_core.errors import EvomergeError
-
-from evaluators.base import Scores
 
 
 def run_eval(args: argparse.Namespace) -> int:

@@ -20,11 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from merge_core.errors import EvomergeError
-
 from evaluators.base import Scores, TaskScore
 from evaluators.loading import ensure_on_device
 from evaluators.tasks import DEFAULT_INCLUDE_PATH, build_tasks, cache_prompt_templates, quiet_lm_eval
+from merge_core.errors import EvomergeError
 
 FEWSHOT_SEED = 1234  # lm-eval's default few-shot seed, so prompts match a plain lm-eval run
 SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "num_beams")
@@ -139,9 +138,9 @@ class LmEvalEvaluator:
             raise EvomergeError(f"num_fewshot must be >= 0, got {num_fewshot}")
         if threads is not None and threads < 1:
             raise EvomergeError(f"threads must be >= 1, got {threads}")
-        from merge_core.engine import _check_device  # here: importing evaluators stays free of torch
+        from merge_core.runtime import check_device  # here: importing evaluators stays free of torch
 
-        _check_device(device)
+        check_device(device)
         include = Path(include_path) if include_path is not None else DEFAULT_INCLUDE_PATH
         if include_path is not None and not include.is_dir():
             raise EvomergeError(f"task include path {include} is not a directory")

@@ -15,7 +15,7 @@ def load_model(model_dir: str | Path, device: str = "cpu") -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from merge_core.checkpoint import CheckpointReader
-    from merge_core.engine import _check_device
+    from merge_core.runtime import check_device
 
     path = Path(model_dir)
     if not path.is_dir():
@@ -25,7 +25,7 @@ def load_model(model_dir: str | Path, device: str = "cpu") -> tuple[Any, Any]:
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise EvomergeError(f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
                             f"copy the base model's tokenizer files into it")
-    _check_device(device)
+    check_device(device)
     if any(path.glob("*.safetensors")):
         CheckpointReader(path)  # its header checks name a truncated or corrupt weights file in one line
     try:

@@ -7,10 +7,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from merge_core.errors import EvomergeError
-
 from evaluators.base import Scores, TaskScore
 from evaluators.loading import ensure_on_device
+from merge_core.errors import EvomergeError
 
 
 class PerplexityEvaluator:
@@ -39,9 +38,9 @@ class PerplexityEvaluator:
             raise EvomergeError(f"perplexity text file {self.path} cannot be read: {exc.strerror}") from None
         if batch_size < 1:
             raise EvomergeError(f"batch_size must be >= 1, got {batch_size}")
-        from merge_core.engine import _check_device  # here: importing evaluators stays free of torch
+        from merge_core.runtime import check_device  # here: importing evaluators stays free of torch
 
-        _check_device(device)
+        check_device(device)
         self.max_tokens = max_tokens
         self.context_length = context_length
         self.batch_size = batch_size

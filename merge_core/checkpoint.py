@@ -44,6 +44,10 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+"""What a model directory's tokenizer is made of: copied beside merged weights."""
+
 _HEADER_LIMIT = 100 * 1000 * 1000  # same bound safetensors itself enforces on header size
 _PAGE = mmap.ALLOCATIONGRANULARITY
 _MAP_MIN_BYTES = 2**20
@@ -537,3 +541,31 @@ def _cannot_create(out: Path, exc: OSError) -> str:
                 return f"{parent} is not a directory"
             break
     return f"{exc.strerror}: {exc.filename}" if exc.filename else str(exc.strerror or exc)
+
+
+def resolve_model_path(ref: str, recipe_dir: Path | None = None) -> Path:
+    """A local directory (as given, or relative to the recipe file), else a hub id from the local HF cache.
+    ``NAME@REVISION`` pins a hub revision, as in mergekit; a local directory has none (the suffix is dropped)."""
+    name, revision = ref.rsplit("@", 1) if "@" in ref else (ref, None)
+    for path in dict.fromkeys((ref, name)):
+        for candidate in (Path(path).expanduser(), (recipe_dir / path) if recipe_dir else None):
+            if candidate is not None and candidate.is_dir():
+                return candidate.resolve()
+    if Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") != 1:
+        raise EvomergeError(f"model {ref}: no such directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, revision=revision, allow_patterns=[
+            "*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]))
+    except Exception as exc:
+        offline = " (offline: set HF_HUB_OFFLINE=0 to download)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+        raise EvomergeError(f"model {ref}: not a local directory and not available from the hub{offline}: "
+                            f"{type(exc).__name__}") from None
+
+
+def copy_tokenizer_files(src: Path, out: Path) -> None:
+    """The tokenizer of the model directory ``src`` into ``out``, file by file as it is (no re-serialization)."""
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, out / name)

@@ -18,17 +18,22 @@ from typing import Any, Callable
 import torch
 
 from merge_core import chat_templates
-from merge_core.checkpoint import CheckpointReader, ShardedWriter, atomic_output_dir, parse_size
+from merge_core.checkpoint import (
+    CheckpointReader,
+    ShardedWriter,
+    atomic_output_dir,
+    copy_tokenizer_files,
+    parse_size,
+    resolve_model_path,
+)
 from merge_core.errors import EvomergeError
 from merge_core.memory import reuse_freed_memory
 from merge_core.methods import TIE_BREAKS, TensorContext
+from merge_core.moe import merge_moe
 from merge_core.plan import MergePlan, Source, TensorJob, plan_merge
-from merge_core.recipe import Recipe
+from merge_core.recipe import MoERecipe, Recipe, model_card
+from merge_core.runtime import DTYPES, check_device, check_dtype_name
 from merge_core.vocab import Vocabulary, build_vocabulary
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 class BackgroundWrites:
@@ -59,27 +64,6 @@ class BackgroundWrites:
                     future.cancel()
         finally:
             self.pool.shutdown(wait=True)
-
-
-def resolve_model_path(ref: str, recipe_dir: Path | None = None) -> Path:
-    """A local directory (as given, or relative to the recipe file), else a hub id from the local HF cache.
-    ``NAME@REVISION`` pins a hub revision, as in mergekit; a local directory has none (the suffix is dropped)."""
-    name, revision = ref.rsplit("@", 1) if "@" in ref else (ref, None)
-    for path in dict.fromkeys((ref, name)):
-        for candidate in (Path(path).expanduser(), (recipe_dir / path) if recipe_dir else None):
-            if candidate is not None and candidate.is_dir():
-                return candidate.resolve()
-    if Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") != 1:
-        raise EvomergeError(f"model {ref}: no such directory")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(name, revision=revision, allow_patterns=[
-            "*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]))
-    except Exception as exc:
-        offline = " (offline: set HF_HUB_OFFLINE=0 to download)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
-        raise EvomergeError(f"model {ref}: not a local directory and not available from the hub{offline}: "
-                            f"{type(exc).__name__}") from None
 
 
 def open_sources(recipe: Recipe, *, allow_pickle: bool = False, recipe_dir: Path | None = None
@@ -195,25 +179,11 @@ def run_plan(plan: MergePlan, sources: dict[str, Source], sink: Callable[[Tensor
 
 def _dtypes(recipe: Recipe, dtype: str | None) -> tuple[torch.dtype | None, torch.dtype | None]:
     """(compute dtype, output dtype): ``--dtype`` overrides both; ``out_dtype`` defaults to ``dtype``."""
-    if dtype is not None and dtype not in DTYPES:
-        raise EvomergeError(f"--dtype: unknown dtype {dtype!r} (use one of {', '.join(DTYPES)})")
+    if dtype is not None:
+        check_dtype_name(dtype, "--dtype")
     compute = DTYPES.get(dtype or recipe.dtype or "")
     out = DTYPES.get(dtype or recipe.out_dtype or recipe.dtype or "")
     return compute, out
-
-
-def _check_device(device: str) -> None:
-    """Refuse, before any work, a device this machine cannot compute on (every command's ``--device``)."""
-    if not isinstance(device, str) or device.split(":")[0] not in ("cpu", "cuda"):
-        raise EvomergeError(f"--device {device!r}: use cpu or cuda (cuda:N for one GPU)")
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise EvomergeError(f"--device {device!r}: not a device name (use cpu, cuda or cuda:N)") from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise EvomergeError(f"--device {device}: CUDA is not available on this machine")
-    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
-        raise EvomergeError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def _tokenizer_dir(recipe: Recipe, paths: dict[str, Path], template: str) -> Path:
@@ -248,10 +218,7 @@ def write_tokenizer(out: Path, recipe: Recipe, paths: dict[str, Path], template:
     if vocabulary is not None:
         vocabulary.tokenizer.save_pretrained(out)
     else:
-        src = _tokenizer_dir(recipe, paths, template)
-        for name in TOKENIZER_FILES:
-            if (src / name).is_file():
-                shutil.copy2(src / name, out / name)
+        copy_tokenizer_files(_tokenizer_dir(recipe, paths, template), out)
     chat = _chat_template(recipe, paths)
     if chat is not None:
         (out / "chat_template.jinja").write_text(chat)
@@ -271,29 +238,17 @@ def output_config(plan: MergePlan, out_dtype: torch.dtype | None) -> dict[str, A
     return config
 
 
-def model_card(recipe: Recipe, seed: int | None) -> str:
-    from importlib.metadata import version
-
-    sources = "\n".join(f"- `{m}`" for m in recipe.referenced_models())
-    seed_line = f"\nSeed for stochastic steps: `{seed}`.\n" if seed is not None else ""
-    return (f"---\ntags: [merge, evomerge]\n---\n# Merged model\n\nMade with evomerge {version('evomerge')} "
-            f"using the **{recipe.merge_method}** method.\n\n## Sources\n\n{sources}\n{seed_line}\n"
-            f"## Recipe\n\n```yaml\n{recipe.to_yaml()}```\n")
-
-
 def merge(recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", dtype: str | None = None,
           out_shard_size: str | int = "5GB", seed: int | None = None, copy_tokenizer: bool = True,
           force: bool = False, allow_pickle: bool = False, progress: bool = False,
           recipe_dir: str | Path | None = None, tie_break: str = "index") -> Path:
     """Merge ``recipe`` into a Hugging Face checkpoint at ``out_dir``, atomically. ``tie_break``: which
     magnitudes tied at a sparsification threshold are kept (see ``TensorContext``)."""
-    from merge_core.moe import MoERecipe, merge_moe  # imported here: moe builds on this module
-
     if isinstance(recipe, MoERecipe):
         return merge_moe(recipe, out_dir, device=device, dtype=dtype, out_shard_size=out_shard_size, seed=seed,
                          copy_tokenizer=copy_tokenizer, force=force, allow_pickle=allow_pickle,
                          recipe_dir=Path(recipe_dir) if recipe_dir else None)
-    _check_device(device)
+    check_device(device)
     if tie_break not in TIE_BREAKS:
         raise EvomergeError(f"tie_break: use one of {', '.join(TIE_BREAKS)}, got {tie_break!r}")
     reuse_freed_memory()

@@ -1055,10 +1055,11 @@ def model_stock(tensors, base, model_params, params, ctx):
     """Model Stock: move from the base toward the models' average by t = k·cosθ / (1 + (k−1)·cosθ),
     cosθ the mean pairwise cosine of the task vectors (per row with ``filter_wise``)."""
     origin = tensors[base]
-    if params["filter_wise"]:
-        flat = (lambda t: t.unsqueeze(0)) if origin.dim() == 1 else (lambda t: t)
-    else:
-        flat = (lambda t: t.reshape(-1))
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        if not params["filter_wise"]:
+            return t.reshape(-1)
+        return t.unsqueeze(0) if origin.dim() == 1 else t
+
     w0 = flat(origin)
     models = [flat(tensors[i]) for i in _others(tensors, base)]
     deltas = [m - w0 for m in models]

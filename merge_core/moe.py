@@ -18,78 +18,26 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import model_validator
 
 from merge_core.architecture import count_layers
-from merge_core.checkpoint import CheckpointReader, ShardedWriter, atomic_output_dir, parse_size
+from merge_core.checkpoint import (
+    CheckpointReader,
+    ShardedWriter,
+    atomic_output_dir,
+    copy_tokenizer_files,
+    parse_size,
+    resolve_model_path,
+)
 from merge_core.errors import EvomergeError
-from merge_core.recipe import DTYPES, StrictModel, validate
+from merge_core.recipe import Expert, MoERecipe, model_card
+from merge_core.runtime import DTYPES, check_device, check_dtype_name
 
-GATE_MODES = ("hidden", "hidden_last", "hidden_avg", "cheap_embed", "random", "uniform_random")
 MIXTRAL_BASES = ("llama", "mistral")
 QWEN_BASES = ("qwen2",)
 MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
-
-
-class Expert(StrictModel):
-    source_model: str
-    positive_prompts: list[str] | None = None
-    negative_prompts: list[str] | None = None
-    noise_scale: float | None = None
-    residual_scale: float | None = None
-
-
-class MoERecipe(StrictModel):
-    """mergekit-moe's ``MoEMergeConfig``, plus the ``merge_method: moe`` key the seeds' recipes carry."""
-
-    merge_method: Literal["moe"] = "moe"
-    base_model: str
-    experts: list[Expert]
-    gate_mode: Literal[GATE_MODES] = "hidden"
-    dtype: str | None = None
-    experts_per_token: int = 2
-    shared_experts: list[Expert] | None = None
-    architecture: Literal["mixtral", "qwen"] | None = None
-
-    @model_validator(mode="after")
-    def _consistent(self):
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ValueError(f"dtype: unknown dtype {self.dtype!r} (use one of {', '.join(DTYPES)})")
-        if not self.experts:
-            raise ValueError("experts: at least one expert is needed")
-        if not 1 <= self.experts_per_token <= len(self.experts):
-            raise ValueError(f"experts_per_token: must be between 1 and the number of experts "
-                             f"({len(self.experts)}), got {self.experts_per_token}")
-        if len(self.shared_experts or []) > 1:
-            raise ValueError("shared_experts: at most one shared expert (Qwen2-MoE has one)")
-        if self.gate_mode not in ("random", "uniform_random"):
-            for kind, experts in (("experts", self.experts), ("shared_experts", self.shared_experts or [])):
-                for i, expert in enumerate(experts):
-                    if not expert.positive_prompts:
-                        raise ValueError(f"{kind}[{i}] ({expert.source_model}).positive_prompts: "
-                                         f"gate_mode {self.gate_mode} needs at least one prompt")
-            prompts = {(tuple(e.positive_prompts), tuple(e.negative_prompts or [])) for e in self.experts}
-            if len(self.experts) > 1 and len(prompts) == 1:
-                raise ValueError("experts: every expert has the same prompts, so the router cannot tell them apart")
-        return self
-
-    def referenced_models(self) -> list[str]:
-        models = [self.base_model] + [e.source_model for e in self.experts + (self.shared_experts or [])]
-        return list(dict.fromkeys(models))
-
-    def to_yaml(self) -> str:
-        import yaml
-
-        return yaml.safe_dump(self.model_dump(exclude_none=True, mode="json"), sort_keys=False)
-
-
-def load_moe_recipe(data: dict, where: str) -> MoERecipe:
-    return validate(MoERecipe, data, where)
 
 
 # --------------------------------------------------------------------------------------------- routers
@@ -272,22 +220,20 @@ def merge_moe(recipe: MoERecipe, out_dir: str | Path, *, device: str = "cpu", dt
               out_shard_size: str | int = "5GB", seed: int | None = None, copy_tokenizer: bool = True,
               force: bool = False, allow_pickle: bool = False, recipe_dir: Path | None = None) -> Path:
     """Assemble ``recipe``'s MoE checkpoint at ``out_dir``, atomically (options as ``engine.merge``)."""
-    from merge_core import engine
-
-    engine._check_device(device)
-    if dtype is not None and dtype not in engine.DTYPES:
-        raise EvomergeError(f"--dtype: unknown dtype {dtype!r} (use one of {', '.join(engine.DTYPES)})")
+    check_device(device)
+    if dtype is not None:
+        check_dtype_name(dtype, "--dtype")
     max_shard = parse_size(out_shard_size)
     noisy = any(e.noise_scale for e in recipe.experts + (recipe.shared_experts or []))
     if seed is None and (noisy or recipe.gate_mode in ("random", "uniform_random")):
         seed = int.from_bytes(os.urandom(4), "little")  # recorded in the model card, so the output can be redone
     with atomic_output_dir(out_dir, force=force) as tmp:
-        paths = {ref: engine.resolve_model_path(ref, recipe_dir) for ref in recipe.referenced_models()}
+        paths = {ref: resolve_model_path(ref, recipe_dir) for ref in recipe.referenced_models()}
         readers = {ref: CheckpointReader(path, allow_pickle=allow_pickle) for ref, path in paths.items()}
         base = readers[recipe.base_model]
         kind = _check_models(recipe, readers)
         name = dtype or recipe.dtype or base.config.get("dtype") or base.config.get("torch_dtype")
-        out_dtype = engine.DTYPES.get(name) if isinstance(name, str) else None
+        out_dtype = DTYPES.get(name) if isinstance(name, str) else None
         gated = recipe.experts + (recipe.shared_experts or [])
         rows = router_weights(recipe, paths[recipe.base_model], base, gated, seed, device)
         routers, shared_routers = rows[:, :len(recipe.experts)], rows[:, len(recipe.experts):]
@@ -301,9 +247,7 @@ def merge_moe(recipe: MoERecipe, out_dir: str | Path, *, device: str = "cpu", dt
         writer.close()
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         if copy_tokenizer:
-            for file in engine.TOKENIZER_FILES:
-                if (paths[recipe.base_model] / file).is_file():
-                    shutil.copy2(paths[recipe.base_model] / file, tmp / file)
+            copy_tokenizer_files(paths[recipe.base_model], tmp)
         (tmp / "mergekit_config.yml").write_text(recipe.to_yaml())
-        (tmp / "README.md").write_text(engine.model_card(recipe, seed))
+        (tmp / "README.md").write_text(model_card(recipe, seed))
     return Path(out_dir)

@@ -12,7 +12,6 @@ from typing import Any, Iterable
 from merge_core.errors import EvomergeError
 from merge_core.methods import REQUIRED
 
-
 # Strings pydantic's lax mode (hence mergekit) reads as booleans.
 _TRUE, _FALSE = ("true", "t", "yes", "y", "on", "1"), ("false", "f", "no", "n", "off", "0")
 

@@ -11,8 +11,14 @@ from typing import Any, Protocol
 
 import torch
 
-from merge_core.architecture import (count_layers, is_embedding, is_pre_weight, parse_layer,
-                                     tied_embedding_name, with_layer_count)
+from merge_core.architecture import (
+    count_layers,
+    is_embedding,
+    is_pre_weight,
+    parse_layer,
+    tied_embedding_name,
+    with_layer_count,
+)
 from merge_core.errors import EvomergeError
 from merge_core.methods import REQUIRED, MergeMethod, check_inputs, get_method
 from merge_core.params import resolve
@@ -190,8 +196,8 @@ class _Planner:
         first_ref, first = next(iter(kinds.items()))
         for ref, kind in kinds.items():
             if kind != first:
-                raise EvomergeError(f"models have different architectures: {first_ref} is "
-                                    f"{first[1][0] if first[1] else first[0]}, {ref} is {kind[1][0] if kind[1] else kind[0]}")
+                raise EvomergeError(f"models have different architectures: {first_ref} is {_kind_name(first)}, "
+                                    f"{ref} is {_kind_name(kind)}")
 
     def plan(self) -> MergePlan:
         self.check_architectures()
@@ -247,6 +253,11 @@ class _Planner:
         if self.vocabulary is not None:
             config["vocab_size"] = self.vocabulary.rows
         return MergePlan(self.method, self.jobs, config, template, source_layers, self.vocabulary)
+
+
+def _kind_name(kind: tuple) -> str:
+    """(model_type, architectures) as a user knows it: the first architecture class, else the model type."""
+    return kind[1][0] if kind[1] else kind[0]
 
 
 def plan_merge(recipe: Recipe, sources: dict[str, Source], vocabulary: Any = None) -> MergePlan:

@@ -22,11 +22,11 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from merge_core.errors import EvomergeError
 from merge_core.methods import METHODS, REQUIRED, get_method
 from merge_core.params import coerce, lenient_reading
+from merge_core.runtime import DTYPES
 
 Scalar = Union[bool, int, float, str]
 ScalarOrGradient = Union[Scalar, list[Scalar]]
 
-DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 class StrictModel(BaseModel):
@@ -185,7 +185,78 @@ class Recipe(StrictModel):
         return module.models, module.slices, module.parameters
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(exclude_none=True, mode="json"), sort_keys=False)
+        return _to_yaml(self)
+
+
+def _to_yaml(recipe: BaseModel) -> str:
+    """The recipe as mergekit reads it: its fields in order, unset ones left out."""
+    return yaml.safe_dump(recipe.model_dump(exclude_none=True, mode="json"), sort_keys=False)
+
+
+# --- mixture of experts (mergekit-moe's format; merge_core.moe assembles it) ---------------------
+
+GATE_MODES = ("hidden", "hidden_last", "hidden_avg", "cheap_embed", "random", "uniform_random")
+
+
+class Expert(StrictModel):
+    source_model: str
+    positive_prompts: list[str] | None = None
+    negative_prompts: list[str] | None = None
+    noise_scale: float | None = None
+    residual_scale: float | None = None
+
+
+class MoERecipe(StrictModel):
+    """mergekit-moe's ``MoEMergeConfig``, plus the ``merge_method: moe`` key the seeds' recipes carry."""
+
+    merge_method: Literal["moe"] = "moe"
+    base_model: str
+    experts: list[Expert]
+    gate_mode: Literal[GATE_MODES] = "hidden"
+    dtype: str | None = None
+    experts_per_token: int = 2
+    shared_experts: list[Expert] | None = None
+    architecture: Literal["mixtral", "qwen"] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype: unknown dtype {self.dtype!r} (use one of {', '.join(DTYPES)})")
+        if not self.experts:
+            raise ValueError("experts: at least one expert is needed")
+        if not 1 <= self.experts_per_token <= len(self.experts):
+            raise ValueError(f"experts_per_token: must be between 1 and the number of experts "
+                             f"({len(self.experts)}), got {self.experts_per_token}")
+        if len(self.shared_experts or []) > 1:
+            raise ValueError("shared_experts: at most one shared expert (Qwen2-MoE has one)")
+        if self.gate_mode not in ("random", "uniform_random"):
+            for kind, experts in (("experts", self.experts), ("shared_experts", self.shared_experts or [])):
+                for i, expert in enumerate(experts):
+                    if not expert.positive_prompts:
+                        raise ValueError(f"{kind}[{i}] ({expert.source_model}).positive_prompts: "
+                                         f"gate_mode {self.gate_mode} needs at least one prompt")
+            prompts = {(tuple(e.positive_prompts), tuple(e.negative_prompts or [])) for e in self.experts}
+            if len(self.experts) > 1 and len(prompts) == 1:
+                raise ValueError("experts: every expert has the same prompts, so the router cannot tell them apart")
+        return self
+
+    def referenced_models(self) -> list[str]:
+        models = [self.base_model] + [e.source_model for e in self.experts + (self.shared_experts or [])]
+        return list(dict.fromkeys(models))
+
+    def to_yaml(self) -> str:
+        return _to_yaml(self)
+
+
+def model_card(recipe: Recipe | MoERecipe, seed: int | None) -> str:
+    """The output directory's README: what made it, from what, and the recipe that redoes it."""
+    from importlib.metadata import version
+
+    sources = "\n".join(f"- `{m}`" for m in recipe.referenced_models())
+    seed_line = f"\nSeed for stochastic steps: `{seed}`.\n" if seed is not None else ""
+    return (f"---\ntags: [merge, evomerge]\n---\n# Merged model\n\nMade with evomerge {version('evomerge')} "
+            f"using the **{recipe.merge_method}** method.\n\n## Sources\n\n{sources}\n{seed_line}\n"
+            f"## Recipe\n\n```yaml\n{recipe.to_yaml()}```\n")
 
 
 def describe_validation_error(err: ValidationError) -> str:
@@ -194,7 +265,8 @@ def describe_validation_error(err: ValidationError) -> str:
     loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("function-", "tagged-union")))
     msg = first["msg"].removeprefix("Value error, ")
     value = first.get("input")
-    shown = f" (got {value!r})" if first["type"] not in ("value_error", "missing") and not isinstance(value, dict) else ""
+    plain = first["type"] not in ("value_error", "missing") and not isinstance(value, dict)
+    shown = f" (got {value!r})" if plain else ""
     return f"{loc}: {msg}{shown}" if loc else f"{msg}{shown}"
 
 
@@ -231,7 +303,8 @@ def _warn_on_stderr(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def load_recipe(source: str | Path | dict[str, Any], *, strict: bool = False, warn: Warn | None = None) -> Recipe:
+def load_recipe(source: str | Path | dict[str, Any], *, strict: bool = False,
+                warn: Warn | None = None) -> Recipe | MoERecipe:
     """Parse a recipe from a YAML path or a dict; errors are one-line ``EvomergeError``s.
 
     What mergekit silently ignores (unknown keys, parameters the method does not have, ``normalize: 1.0``
@@ -242,9 +315,7 @@ def load_recipe(source: str | Path | dict[str, Any], *, strict: bool = False, wa
     if not isinstance(data, dict):
         raise EvomergeError(f"{where}: expected a mapping of recipe keys, got {type(data).__name__}")
     if data.get("merge_method") == "moe":
-        from merge_core.moe import load_moe_recipe  # imported here: moe builds on the engine, which imports us
-
-        return load_moe_recipe(data, where)
+        return validate(MoERecipe, data, where)
     notes: list[str] = []
     data = _without_unknown_keys(Recipe, data, "", notes, _KeyHints(data))
     if strict and notes:

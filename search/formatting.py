@@ -31,5 +31,6 @@ def decimals_for_differences(values: Iterable[float], *, minimum: int = MIN_DECI
     nonzero = [abs(v) for v in values if abs(v) > 1e-12]
     decimals = decimals_to_separate(values, minimum=minimum, maximum=maximum)
     if nonzero:
-        decimals = max(decimals, significant - 1 - math.floor(math.log10(min(nonzero)) + 1e-9))  # 1e-5 - ε counts as 1e-5
+        # 1e-5 - ε counts as 1e-5
+        decimals = max(decimals, significant - 1 - math.floor(math.log10(min(nonzero)) + 1e-9))
     return min(decimals, maximum)

@@ -29,17 +29,18 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.trial import TrialState
 from sqlalchemy import event
-from sqlalchemy.exc import IntegrityError, ProgrammingError, SQLAlchemyError
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError, ProgrammingError, SQLAlchemyError
 
 from merge_core.architecture import count_layers
-from merge_core.checkpoint import CheckpointReader
-from merge_core.engine import merge_into, resolve_model_path
+from merge_core.checkpoint import CheckpointReader, resolve_model_path
+from merge_core.engine import merge_into
 from merge_core.errors import EvomergeError
 from merge_core.memory import TensorSource
 from merge_core.recipe import load_recipe
+from merge_core.runtime import DTYPES
 from search.config import SearchConfig
-from search.preflight import preflight, root_cause, sqlite_file
+from search.preflight import build_evaluator, preflight, root_cause, sqlite_file
 from search.space import Dimension, build_recipe, dimensions, handwritten_point, model_labels
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -47,7 +48,6 @@ warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to b
 
 MAX_RETRY = 2
 REFRESH_SECONDS = 1.0  # how often a worker reads other workers' trials for its budget check and progress bar
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Whole-tensor precomputations a search keeps (task vectors, plus sorted magnitudes for float32): all of a
 # small family's, about half of three 1B bf16 fine-tunes' task vectors; the rest streams per trial.
 PRECOMPUTE_BYTES = 4 << 30
@@ -236,14 +236,6 @@ def self_contained(config: SearchConfig, config_dir: Path | None) -> SearchConfi
                                      "include_path": local(config.include_path)})
 
 
-def build_evaluator(config: SearchConfig, split: str = "search"):
-    from evaluators import LmEvalEvaluator
-
-    return LmEvalEvaluator([t.name for t in config.tasks], include_path=config.include_path, split=split,
-                           limit=config.limit, num_fewshot=config.num_fewshot, batch_size=config.batch_size,
-                           device=config.device, threads=config.threads)
-
-
 def open_workbench(config: SearchConfig, config_dir: Path | None = None, evaluator=None) -> Workbench:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -416,7 +408,8 @@ def config_differences(stored: dict[str, Any], config: SearchConfig) -> list[str
 
 def changed_config_error(config: SearchConfig, changes: list[str]) -> EvomergeError:
     return EvomergeError(
-        f"study {config.study!r} in {public_url(config.storage_url)} was made with another config ({'; '.join(changes)}): "
+        f"study {config.study!r} in {public_url(config.storage_url)} was made with another config "
+        f"({'; '.join(changes)}): "
         "give --new-study to start a new study (the old one is kept), or --continue-anyway to go on with "
         "this config (trials so far keep the values of the old objective)")
 

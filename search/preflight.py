@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from merge_core.architecture import count_layers
-from merge_core.checkpoint import CheckpointReader
-from merge_core.engine import resolve_model_path
+from merge_core.checkpoint import CheckpointReader, resolve_model_path
 from merge_core.errors import EvomergeError
 from merge_core.methods import check_inputs, get_method
 from merge_core.plan import plan_merge
 from merge_core.recipe import load_recipe
+from merge_core.runtime import check_device
 from search.config import SearchConfig
 from search.space import Dimension, build_recipe, dimensions, handwritten_point
 
@@ -35,17 +35,6 @@ class Preflight:
     dims: list[Dimension]
     tensors: int
     evaluator: Any
-
-
-def check_device(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise EvomergeError(f"device: {device}: CUDA is not available on this machine")
-        index = int(device.partition(":")[2] or 0)
-        if index >= torch.cuda.device_count():
-            raise EvomergeError(f"device: {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def check_writable_dir(path: Path, field: str) -> None:
@@ -215,9 +204,16 @@ def check_live_model(config: SearchConfig, path: str) -> None:
                                 f"({type(exc).__name__}: {root_cause(exc)})") from None
 
 
-def build_checked_evaluator(config: SearchConfig) -> Any:
-    from search.loop import build_evaluator
+def build_evaluator(config: SearchConfig, split: str = "search"):
+    """The evaluator every candidate of this config is scored with (``split``: the tasks' split)."""
+    from evaluators import LmEvalEvaluator
 
+    return LmEvalEvaluator([t.name for t in config.tasks], include_path=config.include_path, split=split,
+                           limit=config.limit, num_fewshot=config.num_fewshot, batch_size=config.batch_size,
+                           device=config.device, threads=config.threads)
+
+
+def build_checked_evaluator(config: SearchConfig) -> Any:
     try:
         return build_evaluator(config)
     except EvomergeError:
@@ -264,7 +260,7 @@ def check_objective(config: SearchConfig, evaluator: Any) -> None:
 
 def preflight(config: SearchConfig, config_dir: Path | None = None, evaluator: Any = None) -> Preflight:
     """All checks, cheapest first; ``evaluator`` (else one built from the config) is checked and kept."""
-    check_device(config.device)
+    check_device(config.device, "device:")
     check_writable_dir(config.run_dir, "output_dir")
     check_storage(config)
     paths = {ref: str(resolve_model_path(ref, config_dir)) for ref in [config.base_model, *config.models]}

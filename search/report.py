@@ -27,16 +27,17 @@ from optuna.trial import FrozenTrial, TrialState
 
 from evaluators.base import PROBABILITY_FORMS, Scores, comparable_value, corpus_probability
 from merge_core.architecture import parse_layer
-from merge_core.checkpoint import check_writable_dir
+from merge_core.checkpoint import check_writable_dir, resolve_model_path
 from merge_core.engine import merge as merge_to_disk
-from merge_core.engine import model_card, open_sources, resolve_model_path
+from merge_core.engine import open_sources
 from merge_core.errors import EvomergeError
 from merge_core.plan import plan_merge
-from merge_core.recipe import Provenance, load_recipe, validate
+from merge_core.recipe import Provenance, load_recipe, model_card, validate
 from search.config import SearchConfig
 from search.formatting import decimals_for_differences, decimals_to_separate
-from search.loop import build_evaluator, objective_of, open_workbench
+from search.loop import objective_of, open_workbench
 from search.loop import public_url as _public_url
+from search.preflight import build_evaluator
 from search.space import model_labels
 
 BOOTSTRAP_RESAMPLES = 2000
@@ -560,7 +561,8 @@ def leaderboard_notes(frame: pd.DataFrame, rows: list[Row], config: SearchConfig
              "the sources on the search split. CI: paired bootstrap 95% over documents, per task metric:"
              if reference else "Δ: no base or source was scored."]
     scores = rows[0].search
-    notes += [f"{task} {metric}: {ci_method(scores, task, metric)}" for task, metric, _ in _task_metrics(config, scores)]
+    notes += [f"{task} {metric}: {ci_method(scores, task, metric)}"
+              for task, metric, _ in _task_metrics(config, scores)]
     lower = sorted({m for _, m, _ in _task_metrics(config, scores) if m.split(",")[0] in PROBABILITY_FORMS})
     if lower:
         notes.append(f"Lower-is-better {', '.join(lower)} enter the objective as the geometric-mean probability "

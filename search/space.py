@@ -123,8 +123,9 @@ def build_recipe(config: SearchConfig, dims: list[Dimension], values: dict[str, 
     slices = []
     for block in range(math.ceil(num_layers / config.block_size)):
         layer_range = [block * config.block_size, min(num_layers, (block + 1) * config.block_size)]
+        members = ([config.base_model] if uses_base else []) + config.models
         sources = [{"model": ref(m), "layer_range": layer_range,
-                    **({"parameters": p} if (p := params_of(m, block)) else {})} for m in ([config.base_model] if uses_base else []) + config.models]
+                    **({"parameters": p} if (p := params_of(m, block)) else {})} for m in members]
         slices.append({"sources": sources, **({"parameters": s} if (s := params_of(None, block)) else {})})
     recipe["slices"] = slices
     return recipe

@@ -9,8 +9,15 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
-                          Qwen2Config, Qwen2ForCausalLM)
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 VOCAB = 96
 
@@ -26,7 +33,8 @@ def _config(arch: str, layers: int):
                                              num_attention_heads=4, num_key_value_heads=2,
                                              tie_word_embeddings=True, **common)
     if arch == "gpt2":
-        return GPT2LMHeadModel, GPT2Config(n_embd=32, n_layer=layers, n_head=4, n_positions=64, bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1, **common)
+        return GPT2LMHeadModel, GPT2Config(n_embd=32, n_layer=layers, n_head=4, n_positions=64,
+                                           bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1, **common)
     raise ValueError(arch)
 
 

@@ -190,7 +190,8 @@ def cuda_case(c: Ctx) -> list:
 CASES: list[tuple[str, Callable[[Ctx], list], str]] = [
     # --- eval -------------------------------------------------------------------------------------------
     ("eval: model dir missing", lambda c: eval_args(c, model=c.tmp / "nowhere"), "nowhere does not exist"),
-    ("eval: truncated safetensors", lambda c: eval_args(c, model=c.truncated_model()), "model.safetensors is truncated"),
+    ("eval: truncated safetensors", lambda c: eval_args(c, model=c.truncated_model()),
+     "model.safetensors is truncated"),
     ("eval: config.json not JSON", lambda c: eval_args(c, model=_bad_config(c)), "config.json is not valid JSON"),
     ("eval: --limit 0", lambda c: eval_args(c, "--limit", "0"), "limit must be a whole number"),
     ("eval: --limit -3", lambda c: eval_args(c, "--limit", "-3"), "got -3"),

@@ -48,8 +48,10 @@ class Worker:
         gate.mkdir(exist_ok=True)
         self.gate = gate
         self.out = (gate / f"out.{time.monotonic_ns()}").open("w+")
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-        args = [sys.executable, "-m", "tests.crash_worker", str(config), str(gate)] + ([str(hold_at)] if hold_at else [])
+        path = f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+        args = [sys.executable, "-m", "tests.crash_worker", str(config), str(gate)]
+        args += [str(hold_at)] if hold_at else []
         self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self.out, stderr=subprocess.STDOUT, text=True)
         self.pid = self.proc.pid
 

@@ -83,7 +83,8 @@ def test_slerp_endpoints_return_the_models(fam, tmp_path):
             {"model": fam["ft1"], "layer_range": [0, 4]}, {"model": fam["ft2"], "layer_range": [0, 4]}]}],
             "parameters": {"t": t}})
         assert evomerge("merge", recipe, tmp_path / f"out{t}").returncode == 0
-        got, want = load_file(tmp_path / f"out{t}" / "model.safetensors"), load_file(f"{fam[expected]}/model.safetensors")
+        got = load_file(tmp_path / f"out{t}" / "model.safetensors")
+        want = load_file(f"{fam[expected]}/model.safetensors")
         assert all(torch.allclose(got[n], want[n], atol=1e-6) for n in want)
 
 

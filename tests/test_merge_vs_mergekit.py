@@ -86,7 +86,8 @@ def recipes(f: dict[str, str]) -> dict[str, dict]:
             {"sources": [{"model": b, "layer_range": [1, 4]}]}]},
         "passthrough_scale": {"merge_method": "passthrough", "slices": [
             {"sources": [{"model": a, "layer_range": [0, 4], "parameters": {
-                "scale": [{"filter": "o_proj", "value": 0.5}, {"filter": "down_proj", "value": 2.0}, {"value": 1.0}]}}]}]},
+                "scale": [{"filter": "o_proj", "value": 0.5}, {"filter": "down_proj", "value": 2.0},
+                          {"value": 1.0}]}}]}]},
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+
 import pytest
 import torch
 import yaml
@@ -69,7 +70,8 @@ def test_experts_hold_each_source_mlp(fam, tmp_path):
         gate_up = got["model.layers.2.mlp.experts.gate_up_proj"][i]
         assert torch.equal(gate_up, torch.cat([source["model.layers.2.mlp.gate_proj.weight"],
                                                source["model.layers.2.mlp.up_proj.weight"]]))
-        assert torch.equal(got["model.layers.2.mlp.experts.down_proj"][i], source["model.layers.2.mlp.down_proj.weight"])
+        assert torch.equal(got["model.layers.2.mlp.experts.down_proj"][i],
+                           source["model.layers.2.mlp.down_proj.weight"])
     base = load_file(f"{fam['base']}/model.safetensors")
     assert torch.equal(got["model.layers.1.self_attn.q_proj.weight"], base["model.layers.1.self_attn.q_proj.weight"])
     assert got["model.layers.0.mlp.gate.weight"].shape == (3, 32)

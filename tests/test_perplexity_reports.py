@@ -67,8 +67,8 @@ def ppl_scores(log_likelihoods, units, task="txt", metric="byte_perplexity") -> 
                                    len(units), {metric: list(map(float, units))})})
 
 
-PPL_CONFIG = SearchConfig.model_validate({"base_model": "b", "models": ["x"], "parameters": {"weight": {"low": 0, "high": 1}},
-                                          "tasks": [{"name": "txt"}]})
+PPL_CONFIG = SearchConfig.model_validate({"base_model": "b", "models": ["x"],
+                                          "parameters": {"weight": {"low": 0, "high": 1}}, "tasks": [{"name": "txt"}]})
 
 
 # --- objective ---------------------------------------------------------------------------------------
@@ -98,8 +98,8 @@ def test_rolling_task_keeps_each_documents_log_likelihood_and_units_which_recomp
     assert score.counts["word_perplexity"] == [len(t.split()) for t in texts]
     ll = np.array(score.samples["byte_perplexity"])
     assert (ll < 0).all() and score.samples["word_perplexity"] == score.samples["bits_per_byte"] == list(ll)
-    assert 1 / score.metrics["byte_perplexity"] == pytest.approx(corpus_probability(ll, score.counts["byte_perplexity"]))
-    assert 1 / score.metrics["word_perplexity"] == pytest.approx(corpus_probability(ll, score.counts["word_perplexity"]))
+    for metric in ("byte_perplexity", "word_perplexity"):
+        assert 1 / score.metrics[metric] == pytest.approx(corpus_probability(ll, score.counts[metric]))
     assert 2 ** -score.metrics["bits_per_byte"] == pytest.approx(corpus_probability(ll, score.counts["bits_per_byte"]))
 
 
@@ -186,13 +186,15 @@ def test_validate_accepts_bits_per_byte_and_refuses_what_search_refuses_before_a
     ok = write_config(tmp_path / "ok.yaml", config_dict(fam, tmp_path / "ok", metric="bits_per_byte"))
     assert main(["validate", ok]) == 0
     bad = config_dict(fam, tmp_path / "bad", metric=None,
-                      tasks=[{"name": "fx_text", "metric": "bits_per_byte"}, {"name": "fx_pick", "metric": "brier_score"}])
+                      tasks=[{"name": "fx_text", "metric": "bits_per_byte"},
+                             {"name": "fx_pick", "metric": "brier_score"}])
     bad_path = write_config(tmp_path / "bad.yaml", bad)
     capsys.readouterr()
     for command in ("validate", "search"):
         assert main([command, bad_path, "--quiet"] if command == "search" else [command, bad_path]) == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]  # (transformers' loading bars may precede it)
-        assert err.startswith(f"evomerge {command}: error: ") and "task 'fx_pick': metric 'brier_score' is lower-is-better" in err
+        assert err.startswith(f"evomerge {command}: error: ")
+        assert "task 'fx_pick': metric 'brier_score' is lower-is-better" in err
     assert not (tmp_path / "bad" / "study.db").exists()
     bad["tasks"] = [{"name": "fx_text", "metric": "acc"}]
     assert main(["validate", write_config(tmp_path / "bad2.yaml", bad)]) == 2
@@ -217,7 +219,8 @@ def test_perplexity_search_reports_cis_against_the_best_start_model(fam, tmp_pat
     for label, b in baselines.items():
         assert table.loc[label, "fx_text byte_perplexity (search)"] == b["scores"]["tasks"]["fx_text"]["metrics"][
             "byte_perplexity"]
-        assert table.loc[label, "average (search)"] == pytest.approx(1 / table.loc[label, "fx_text byte_perplexity (search)"])
+        perplexity = table.loc[label, "fx_text byte_perplexity (search)"]
+        assert table.loc[label, "average (search)"] == pytest.approx(1 / perplexity)
     page = (tmp_path / "report.html").read_text()
     assert "the best of the base and the sources" in page and "ratio of sums" in page
 
@@ -250,7 +253,8 @@ def test_continue_anyway_replaces_the_stored_config_and_new_study_sets_the_old_o
     assert main(["search", path, "--quiet", "--no-report"]) == 0
     storage = f"sqlite:///{tmp_path / 'run' / 'study.db'}"
 
-    write_config(tmp_path / "c.yaml", {**data, "n_trials": 3, "tasks": [{"name": "fx_text", "metric": "bits_per_byte"}]})
+    write_config(tmp_path / "c.yaml",
+                 {**data, "n_trials": 3, "tasks": [{"name": "fx_text", "metric": "bits_per_byte"}]})
     assert main(["search", path, "--quiet", "--continue-anyway"]) == 0
     study = optuna.load_study(study_name="ppl", storage=storage)
     assert study.user_attrs["config"]["tasks"][0]["metric"] == "bits_per_byte"

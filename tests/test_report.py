@@ -184,7 +184,8 @@ def test_leaderboard_markdown_shows_every_row_with_differences_and_cis(run):
     table = [line for line in lines if line.startswith("|")]
     assert len(table) == 2 + 7
     assert "attn acc (search)" in table[0] and "[95% CI]" in table[0] and "average (test)" in table[0]
-    assert re.search(r"\| \+0\.0{3,} \[\+0\.0{3,}, \+0\.0{3,}\] \|", next(line for line in table if line.startswith("| ft")))
+    ft_row = next(line for line in table if line.startswith("| ft"))
+    assert re.search(r"\| \+0\.0{3,} \[\+0\.0{3,}, \+0\.0{3,}\] \|", ft_row)
 
 
 def test_plots_are_nonempty_pngs_embedded_in_the_html(run):

@@ -112,7 +112,8 @@ CASES = {
         "parameters.weight: ties needs weight", None),
     "nothing to search": ({"parameters": {}}, [], "parameters: nothing to search", None),
     "empty range": ({"parameters": {"weight": {"low": 1, "high": 1}}}, [], "must be below high", None),
-    "infinite bound": ({"parameters": {"weight": {"low": float("-inf"), "high": 1}}}, [], "parameters.weight.low", None),
+    "infinite bound": ({"parameters": {"weight": {"low": float("-inf"), "high": 1}}}, [],
+                       "parameters.weight.low", None),
     "reserved group name": (
         {"parameters": {"weight": {"low": 0, "high": 1, "granularity": "groups", "groups": ["mlp", "rest"]}}}, [],
         "parameters.weight.groups", None),
@@ -127,7 +128,8 @@ CASES = {
     "task listed twice": ({"tasks": [{"name": "zoo_cap"}, {"name": "zoo_cap"}]}, [], "listed twice", None),
     "unknown task": ({"tasks": [{"name": "zoo_nope"}]}, [], "zoo_nope", None),
     "metric the task does not produce": (
-        {"tasks": [{"name": "zoo_cap", "metric": "acc"}]}, [], "tasks[0].metric: task 'zoo_cap' does not produce metric 'acc'",
+        {"tasks": [{"name": "zoo_cap", "metric": "acc"}]}, [],
+        "tasks[0].metric: task 'zoo_cap' does not produce metric 'acc'",
         None),
     "task weight zero": ({"tasks": [{"name": "zoo_cap", "weight": 0}]}, [], "tasks.0.weight", None),
     "include_path not a directory": ({"include_path": "file"}, [], "not a directory", None),

@@ -114,7 +114,8 @@ def test_unknown_search_parameter_is_refused(fam, tmp_path):
     from search.config import check_method_parameters
 
     with pytest.raises(EvomergeError, match="slerp has no parameter 'density'"):
-        check_method_parameters(config_for(fam, tmp_path, method="slerp", parameters={"density": {"low": 0.1, "high": 1}}))
+        check_method_parameters(config_for(fam, tmp_path, method="slerp",
+                                           parameters={"density": {"low": 0.1, "high": 1}}))
 
 
 @pytest.mark.parametrize("budget", [0, 40_000, None])

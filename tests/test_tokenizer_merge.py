@@ -29,8 +29,9 @@ def _rewrite(src: Path, dst: Path, order: list[str], extra: dict[str, torch.Tens
     spec["model"]["vocab"] = {token: i for i, token in enumerate(order)}
     spec["added_tokens"] = [{**entry, "id": order.index(entry["content"])} for entry in spec["added_tokens"]]
     for k, token in enumerate(extra):
-        spec["added_tokens"].append({"id": len(order) + k, "content": token, "single_word": False, "lstrip": False, "rstrip": False,
-                                     "normalized": token not in special, "special": token in special})
+        spec["added_tokens"].append({"id": len(order) + k, "content": token, "single_word": False, "lstrip": False,
+                                     "rstrip": False, "normalized": token not in special,
+                                     "special": token in special})
     (dst / "tokenizer.json").write_text(json.dumps(spec))
     tok_config = json.loads((dst / "tokenizer_config.json").read_text())
     tok_config.pop("added_tokens_decoder", None)
