@@ -1,51 +1,44 @@
-"""``evomerge eval``: score one model directory, print a table, optionally write the ``Scores`` JSON."""
+"""Score one model directory (what ``evomerge eval`` runs), show the scores, write them as JSON."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
 from pathlib import Path
 
 from evaluators.base import Scores
-from merge_core.checkpoint import check_writable_dir
 from merge_core.errors import EvomergeError
 
 
-def run_eval(args: argparse.Namespace) -> int:
+def score_model_dir(model_dir: str | Path, *, tasks: str | list[str] | None = None,
+                    include_path: str | Path | None = None, split: str | None = "search",
+                    limit: int | float | None = None, num_fewshot: int | None = None, batch_size: int = 32,
+                    apply_chat_template: bool = False, perplexity: str | Path | None = None, device: str = "cpu",
+                    threads: int | None = None) -> Scores:
+    """``model_dir`` scored on lm-eval ``tasks`` (their ``split``; None: each task's own test split) and/or
+    the perplexity of the text file ``perplexity``, every setting checked before the model is loaded."""
     from evaluators.lm_eval_evaluator import LmEvalEvaluator
     from evaluators.loading import load_model
     from evaluators.perplexity import PerplexityEvaluator
 
-    output = Path(args.output) if args.output else None
-    if output is not None:  # before minutes of scoring, not after
-        if output.is_dir():
-            raise EvomergeError(f"--output {output} is a directory; give a file name")
-        check_writable_dir(output.parent, "--output")
     evaluators = []
-    if args.tasks:
-        evaluators.append(LmEvalEvaluator(args.tasks, include_path=args.include_path,
-                                          split=None if args.split == "default" else args.split, limit=args.limit,
-                                          num_fewshot=args.num_fewshot, batch_size=args.batch_size,
-                                          apply_chat_template=args.apply_chat_template, device=args.device,
-                                          threads=args.threads))
-    if args.perplexity:
-        evaluators.append(PerplexityEvaluator(args.perplexity, device=args.device))
+    if tasks:
+        evaluators.append(LmEvalEvaluator(tasks, include_path=include_path, split=split, limit=limit,
+                                          num_fewshot=num_fewshot, batch_size=batch_size,
+                                          apply_chat_template=apply_chat_template, device=device, threads=threads))
+    if perplexity:
+        evaluators.append(PerplexityEvaluator(perplexity, device=device))
     if not evaluators:
         raise EvomergeError("nothing to score: give --tasks and/or --perplexity")
-    model, tokenizer = load_model(args.model_dir, device=args.device)
+    model, tokenizer = load_model(model_dir, device=device)
     scores = Scores(tasks={})
     for evaluator in evaluators:
         scores = scores.merged(evaluator.score(model, tokenizer))
-    print_scores(scores, title=f"{args.model_dir} ({args.split} split)")
-    if output is not None:
-        write_json_atomically(output, scores.to_dict())
-        print(f"scores written to {output}")
-    return 0
+    return scores
 
 
-def write_json_atomically(path: Path, data: object) -> None:
+def write_json_atomically(path: Path, data: object, field: str = "output") -> None:
     """``path`` holds the whole JSON or, after any failure (a full disk), what it held before."""
     created = [p for p in path.parents if not p.exists()][::-1]
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
@@ -58,7 +51,7 @@ def write_json_atomically(path: Path, data: object) -> None:
         for directory in reversed(created):
             with contextlib.suppress(OSError):
                 directory.rmdir()
-        raise EvomergeError(f"--output {path}: cannot write it ({exc.strerror})") from None
+        raise EvomergeError(f"{field} {path}: cannot write it ({exc.strerror})") from None
 
 
 def print_scores(scores: Scores, title: str = "") -> None:

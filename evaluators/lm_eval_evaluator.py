@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from evaluators._lm_eval_compat import cache_prompt_templates, filter_names
 from evaluators.base import Scores, TaskScore
 from evaluators.loading import ensure_on_device
-from evaluators.tasks import DEFAULT_INCLUDE_PATH, build_tasks, cache_prompt_templates, quiet_lm_eval
+from evaluators.tasks import DEFAULT_INCLUDE_PATH, build_tasks, quiet_lm_eval
 from merge_core.errors import EvomergeError
 
 FEWSHOT_SEED = 1234  # lm-eval's default few-shot seed, so prompts match a plain lm-eval run
@@ -31,7 +32,9 @@ SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "num_beams")
 
 def offline_defaults() -> None:
     """No model or dataset is fetched unless the caller opted in (HF_HUB_OFFLINE=0). Offline, the hub's
-    progress bars would only be transformers' per-load "Loading weights" lines cluttering ours."""
+    progress bars would only be transformers' per-load "Loading weights" lines cluttering ours. Called by
+    the command line, never on import or by a library object: a program using evomerge keeps its
+    environment."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -118,14 +121,13 @@ class LmEvalEvaluator:
     task's order. Generation is always greedy with the same settings for every model; ``gen_kwargs`` may change
     ``max_gen_toks`` or ``until`` but not sampling. ``threads`` sets torch's intra-op threads while scoring
     (``None`` leaves them): on a CPU shared with other busy processes, 1 thread avoids OpenMP threads
-    spin-waiting on each other, which made small-model calls ~10x slower in benchmarks/eval_speed.py.
+    spin-waiting on each other (benchmarks/eval_speed.py measures it).
     """
 
     def __init__(self, tasks: list[str] | str, *, include_path: str | Path | None = None, split: str | None = "search",
                  limit: int | float | None = None, num_fewshot: int | None = None, batch_size: int = 32,
                  apply_chat_template: bool = False, device: str = "cpu", gen_kwargs: dict[str, Any] | None = None,
                  metrics: dict[str, list[str]] | None = None, threads: int | None = None) -> None:
-        offline_defaults()
         quiet_lm_eval()
         cache_prompt_templates()
         names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
@@ -202,7 +204,7 @@ class LmEvalEvaluator:
 
     @staticmethod
     def _metric_names(task: Any) -> list[str]:
-        filters = [f.name for f in task._filters]
+        filters = filter_names(task)
         metrics = list(task.higher_is_better())
         return metrics if len(filters) == 1 else [f"{m},{f}" for f in filters for m in metrics]
 
@@ -302,7 +304,7 @@ class LmEvalEvaluator:
 
         task = self._tasks[name]
         task.apply_filters()
-        filters = [f.name for f in task._filters]
+        filters = filter_names(task)
         per_doc: dict[str, list] = defaultdict(list)
         for filter_name in filters:
             for doc, instances in docs:

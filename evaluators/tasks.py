@@ -15,9 +15,24 @@ import re
 from pathlib import Path
 from typing import Any
 
+from evaluators._lm_eval_compat import is_tag, is_yaml_task
 from merge_core.errors import EvomergeError
 
-DEFAULT_INCLUDE_PATH = Path(__file__).resolve().parent.parent / "configs" / "tasks"
+
+def _configs_dir() -> Path:
+    """``configs/`` of a source checkout, else its copy installed as the ``evomerge_configs`` package data."""
+    import importlib.util
+
+    checkout = Path(__file__).resolve().parent.parent / "configs"
+    if (checkout / "demo.yaml").is_file():
+        return checkout
+    spec = importlib.util.find_spec("evomerge_configs")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    return Path(locations[0]) if locations else checkout
+
+
+CONFIGS_DIR = _configs_dir()
+DEFAULT_INCLUDE_PATH = CONFIGS_DIR / "tasks"
 LM_EVAL_LOGGERS = ("lm_eval", "lm-eval", "datasets", "fsspec", "filelock")
 
 
@@ -29,15 +44,6 @@ def quiet_lm_eval() -> None:
 
     datasets.disable_progress_bars()
     datasets.utils.logging.set_verbosity_error()
-
-
-def cache_prompt_templates() -> None:
-    """lm-eval compiles a task's Jinja template on every ``doc_to_target``/``doc_to_choice`` call, which
-    ``process_results`` makes per document per score; a compiled template depends only on its text."""
-    from lm_eval import utils
-
-    if not hasattr(utils.env.from_string, "cache_info"):
-        utils.env.from_string = functools.lru_cache(maxsize=4096)(utils.env.from_string)
 
 
 NAME_LINE = re.compile(r"^(?:task|group|tag):[ \t]*[\"']?([\w.\-]+)", re.M)
@@ -146,17 +152,15 @@ def build_tasks(names: list[str], include_path: str | Path | None, split: str | 
     Tags expand to their YAML tasks, which get the path handling above; groups and Python tasks are loaded
     by lm-eval as they are (their data paths are not rewritten).
     """
-    from lm_eval.tasks._index import Kind
-
     include = str(Path(include_path).resolve()) if include_path else None
     manager = _manager_knowing(names, include)
     specs: list[str | dict[str, Any]] = []
     for name in names:
         entry = manager.task_index[name]
-        members = sorted(entry.tags) if entry.kind == Kind.TAG else [name]
+        members = sorted(entry.tags) if is_tag(entry) else [name]
         for member in members:
             found = manager.task_index.get(member)
-            if found is not None and found.kind == Kind.TASK and found.yaml_path is not None:
+            if found is not None and is_yaml_task(found):
                 specs.append(task_config(Path(found.yaml_path), split))
             else:
                 specs.append(member)

@@ -122,8 +122,8 @@ def compute_tensor(job: TensorJob, plan: MergePlan, sources: dict[str, Source], 
         tensor_cache, precompute = _tensor_cache(cache, job, tensors[0].element_size(), precompute_bytes)
     if out is not None and any(t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr() for t in tensors):
         out = None
-    ctx = TensorContext(name=job.name, generator=_generator(seed, job.name, device), is_embedding=job.is_embedding,
-                        cache=tensor_cache, precompute=precompute, out=out, tie_break=tie_break)
+    ctx = TensorContext(name=job.name, generator=_generator(seed, job.name, device), cache=tensor_cache,
+                        precompute=precompute, out=out, tie_break=tie_break)
     result = plan.method.fn(tensors, job.base, job.model_params, job.params, ctx)
     if not _all_finite(result):
         raise EvomergeError(non_finite_cause(job, plan.method.name, tensors, result))

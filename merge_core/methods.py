@@ -73,7 +73,6 @@ class TensorContext:
 
     name: str
     generator: torch.Generator | None = None
-    is_embedding: bool = False
     cache: dict | None = None
     precompute: bool = False
     out: Tensor | None = None
@@ -410,7 +409,7 @@ def _chunks(n: int) -> list[slice]:
 @contextmanager
 def _one_thread():
     """Run chunk-sized ops on one thread: splitting each across threads costs more than it gains, and
-    on a busy machine every op would wait for a descheduled worker (measured 20× slower)."""
+    on a busy machine every op would wait for a descheduled worker."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -1,5 +1,5 @@
 """The hot loop of task arithmetic (ties, dare_*, breadcrumbs, task_arithmetic) compiled: one pass over
-memory per chunk instead of a dozen torch ops, each a pass (6-9× faster per chunk on bf16); the
+memory per chunk instead of a dozen torch ops, each a pass (figures: benchmarks/README.md); the
 magnitude histogram TIES's threshold search starts from; and the float32 weighted sums of linear and slerp.
 
 ``native.c`` is built on first use with the system's C compiler for this CPU and cached

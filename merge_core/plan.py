@@ -6,7 +6,7 @@ architecture mismatch, missing parameters) is reported before any tensor is comp
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -24,9 +24,9 @@ from merge_core.methods import REQUIRED, MergeMethod, check_inputs, get_method
 from merge_core.params import resolve
 from merge_core.recipe import InputSlice, OutputSlice, Recipe
 
-# Methods whose base is the first model when a recipe names none (the seeds' slerp recipe has no base_model).
+# Methods whose base is the first model when a recipe names none (slerp recipes often give no base_model).
 FIRST_MODEL_IS_BASE = ("slerp",)
-# Defaults evomerge adds where mergekit requires a value: the seeds' tokenizer recipe gives linear no
+# Defaults evomerge adds where mergekit requires a value: a tokenizer recipe may give linear no
 # weights, which evomerge reads as equal weights (a plain average, since linear normalizes by default).
 DEFAULT_MODEL_PARAMS = {"linear": {"weight": 1.0}}
 
@@ -57,7 +57,6 @@ class TensorJob:
     model_params: list[dict[str, Any]]
     params: dict[str, Any]
     shape: tuple[int, ...]
-    is_embedding: bool = False
     permute_vocabulary: bool = False  # rows are tokens: align them to the output vocabulary first
 
 
@@ -67,7 +66,6 @@ class MergePlan:
     jobs: list[TensorJob]
     config: dict
     template_model: str
-    source_layers: list[int] = field(default_factory=list)
     vocabulary: Any = None  # merge_core.vocab.Vocabulary when the recipe merges tokenizers
 
 
@@ -173,8 +171,8 @@ class _Planner:
         params = {p: resolve(p, d, slice_scopes, out_name, t) for p, d in self.method.params.items()}
         if self.method.check is not None:
             self.method.check(model_params, params)
-        self.jobs.append(TensorJob(out_name, models, names, base_index, model_params, params,
-                                   tuple(shapes[0]), is_embedding(out_name), permute))
+        self.jobs.append(TensorJob(out_name, models, names, base_index, model_params, params, tuple(shapes[0]),
+                                   permute_vocabulary=permute))
 
     def check_configs_match_weights(self) -> None:
         """A config.json that disagrees with its own tensors (another vocabulary or hidden size) would build
@@ -252,7 +250,7 @@ class _Planner:
         config = with_layer_count(template_config, source_layers, n_in)
         if self.vocabulary is not None:
             config["vocab_size"] = self.vocabulary.rows
-        return MergePlan(self.method, self.jobs, config, template, source_layers, self.vocabulary)
+        return MergePlan(self.method, self.jobs, config, template, self.vocabulary)
 
 
 def _kind_name(kind: tuple) -> str:

@@ -1,6 +1,6 @@
 """Recipes: mergekit's YAML format as typed pydantic models.
 
-The schema mirrors mergekit 0.1.5 so its recipes (and the seeds' examples) load unchanged. mergekit drops
+The schema mirrors mergekit 0.1.5 so its recipes (and those of model cards) load unchanged. mergekit drops
 unknown keys and parameters without a word; evomerge drops them too, so every recipe mergekit merges merges
 here to the same tensors, but names each one in a warning (``strict``: an error). The models themselves
 refuse unknown keys (``extra="forbid"``), so nothing reaches them unseen; every error names the field and
@@ -207,7 +207,8 @@ class Expert(StrictModel):
 
 
 class MoERecipe(StrictModel):
-    """mergekit-moe's ``MoEMergeConfig``, plus the ``merge_method: moe`` key the seeds' recipes carry."""
+    """mergekit-moe's ``MoEMergeConfig``, plus a ``merge_method: moe`` key, which recipes written for one
+    command that merges both kinds carry."""
 
     merge_method: Literal["moe"] = "moe"
     base_model: str

@@ -26,10 +26,8 @@ import optuna
 import torch
 from optuna.distributions import FloatDistribution
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.trial import TrialState
 from sqlalchemy import event
-from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, ProgrammingError, SQLAlchemyError
 
 from merge_core.architecture import count_layers
@@ -39,12 +37,10 @@ from merge_core.errors import EvomergeError
 from merge_core.memory import TensorSource
 from merge_core.recipe import load_recipe
 from merge_core.runtime import DTYPES
+from search._optuna_compat import heartbeat, rdb_backend, set_user_attrs_in_one_transaction, storage_of, trial_id
 from search.config import SearchConfig
 from search.preflight import build_evaluator, preflight, root_cause, sqlite_file
 from search.space import Dimension, build_recipe, dimensions, handwritten_point, model_labels
-
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 MAX_RETRY = 2
 REFRESH_SECONDS = 1.0  # how often a worker reads other workers' trials for its budget check and progress bar
@@ -58,7 +54,6 @@ REPEATED_FAILURES = 5
 STORAGE_ERRORS = (SQLAlchemyError, optuna.exceptions.StorageInternalError)
 
 
-@event.listens_for(Engine, "connect")
 def _sqlite_write_ahead_log(dbapi_connection, _record) -> None:
     """SQLite commits without an fsync each (WAL, synchronous=NORMAL): a trial makes a dozen small writes,
     which otherwise cost more than scoring a small model. Committed data survives a crashed process."""
@@ -76,9 +71,16 @@ def open_storage(config: SearchConfig) -> RDBStorage:
         db.parent.mkdir(parents=True, exist_ok=True)  # SQLite creates the file, not its directory
     for attempt in range(5):
         try:
-            return RDBStorage(config.storage_url, heartbeat_interval=config.heartbeat_seconds,
-                              grace_period=config.grace_seconds,
-                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable since 2.9
+                storage = RDBStorage(config.storage_url, heartbeat_interval=config.heartbeat_seconds,
+                                     grace_period=config.grace_seconds,
+                                     heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                                         max_retry=MAX_RETRY))
+            if storage.engine.dialect.name == "sqlite":  # on this storage's engine only, then on every connection
+                event.listen(storage.engine, "connect", _sqlite_write_ahead_log)
+                storage.engine.dispose()
+            return storage
         except (IntegrityError, ProgrammingError):
             if attempt == 4:
                 raise EvomergeError(f"storage {config.storage_url}: could not create Optuna's tables") from None
@@ -133,7 +135,7 @@ def fail_orphaned_trials(study: optuna.Study, grace_seconds: float) -> None:
     older than the grace period. Run at start-up and during the search, by every worker: when two fail
     the same trial, one wins and retries it."""
     host = socket.gethostname()
-    storage = study._storage
+    storage = storage_of(study)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = trial.user_attrs.get("worker", "")
         worker_host, _, pid = worker.rpartition(":")
@@ -142,13 +144,15 @@ def fail_orphaned_trials(study: optuna.Study, grace_seconds: float) -> None:
             datetime.now() - trial.datetime_start).total_seconds() > grace_seconds
         if dead or unnamed:
             try:
-                storage.set_trial_user_attr(trial._trial_id, "fail_reason",
+                storage.set_trial_user_attr(trial_id(trial), "fail_reason",
                                             f"worker {worker} died" if dead else "its worker died before naming itself")
-                if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
-                    RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, storage.get_trial(trial._trial_id))
+                if storage.set_trial_state_values(trial_id(trial), state=TrialState.FAIL):
+                    RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, storage.get_trial(trial_id(trial)))
             except optuna.exceptions.UpdateFinishedTrialError:
                 pass  # another worker failed it first, or its worker finished it meanwhile
-    optuna.storages.fail_stale_trials(study)
+    with warnings.catch_warnings():  # experimental since Optuna 2.9, unchanged since
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
 
 
 def counts(trial: optuna.trial.FrozenTrial) -> bool:
@@ -302,7 +306,9 @@ def run_trial(study: optuna.Study, bench: Workbench, known: list[optuna.trial.Fr
     study is read again (a read costs as much as a small model's materialization) only when ``refresh``
     asks for other workers' trials, or when this trial's number reaches the budget, which is the only
     way another worker can have taken its slot."""
-    trial = study.ask()
+    with warnings.catch_warnings():  # this loop runs the heartbeat itself (``heartbeat``), as optimize would
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+        trial = study.ask()
     reaches_budget = bench.config.n_trials is not None and trial.number >= bench.config.n_trials
     done = done_trials(study) if refresh or reaches_budget else known
     if _surplus(done, trial, bench.config):
@@ -315,7 +321,7 @@ def run_trial(study: optuna.Study, bench: Workbench, known: list[optuna.trial.Fr
 
 
 def _score_trial(study: optuna.Study, trial: optuna.Trial, bench: Workbench) -> optuna.trial.FrozenTrial:
-    with get_heartbeat_thread(trial._trial_id, study._storage):
+    with heartbeat(study, trial):
         try:
             values = {d.key: trial.suggest_float(d.key, d.low, d.high) for d in bench.dims}
             recipe = bench.recipe(values)
@@ -331,7 +337,7 @@ def _score_trial(study: optuna.Study, trial: optuna.Trial, bench: Workbench) -> 
                 raise EvomergeError("the objective is NaN")
             return study.tell(trial, value, skip_if_finished=True)
         except KeyboardInterrupt:  # a second Ctrl-C: the candidate is not at fault, so it is queued again
-            if study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
+            if storage_of(study).get_trial(trial_id(trial)).state == TrialState.RUNNING:
                 RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, _fail(study, trial, "interrupted"))
             raise
         except STORAGE_ERRORS:
@@ -358,17 +364,12 @@ def _fail(study: optuna.Study, trial: optuna.Trial, reason: str,
 def _set_user_attrs(study: optuna.Study, trial: optuna.Trial, attrs: dict[str, Any]) -> None:
     """Several user attributes in one RDB transaction: a commit each costs more than a small model's
     materialization. (Optuna has no public batch call; other storages get one call per attribute.)"""
-    backend = getattr(study._storage, "_backend", None)
-    if not isinstance(backend, RDBStorage):
+    backend = rdb_backend(study)
+    if backend is None:
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         return
-    from optuna.storages._rdb.models import TrialUserAttributeModel
-    from optuna.storages._rdb.storage import _create_scoped_session
-
-    with _create_scoped_session(backend.scoped_session, True) as session:
-        for key, value in attrs.items():
-            backend._set_trial_attr_without_commit(session, TrialUserAttributeModel, trial._trial_id, key, value)
+    set_user_attrs_in_one_transaction(backend, trial, attrs)
 
 
 # Config fields a rerun may change and still continue its study: the budget and where and how it runs.
@@ -520,12 +521,12 @@ def _fresh(study: optuna.Study | None, config: SearchConfig, created: list[Path]
 
 def _discard(study: optuna.Study | None, config: SearchConfig, created: list[Path]) -> None:
     """Undo a failed start: delete the study it created and the files and directories it made."""
-    storage = getattr(study._storage, "_backend", study._storage) if study is not None else None
+    backend = rdb_backend(study) if study is not None else None
     if study is not None:
         with contextlib.suppress(Exception):  # the storage may be what failed: its new file goes below
-            optuna.delete_study(study_name=study.study_name, storage=study._storage)
-    if isinstance(storage, RDBStorage):
-        storage.engine.dispose()
+            optuna.delete_study(study_name=study.study_name, storage=storage_of(study))
+    if backend is not None:
+        backend.engine.dispose()
     for path in created:  # files first, then directories from the deepest
         with contextlib.suppress(OSError):
             path.rmdir() if path.is_dir() else path.unlink(missing_ok=True)
@@ -587,7 +588,7 @@ def _optimize(study: optuna.Study, bench: Workbench, config: SearchConfig, basel
     previous = signal.signal(signal.SIGINT, stop)
     started = time.monotonic()
     try:
-        with _progress(progress, config, baselines) as report:
+        with _Progress(progress, config, baselines) as report:
             done, read_at = done_trials(study), time.monotonic()
             checked_at = read_at
             while not stop.requested:
@@ -616,7 +617,7 @@ def _optimize(study: optuna.Study, bench: Workbench, config: SearchConfig, basel
     return study
 
 
-class _progress:
+class _Progress:
     """A rich progress bar: trials done, the best so far and its difference to the best model it started from."""
 
     def __init__(self, enabled: bool, config: SearchConfig, baselines: dict[str, Any]):

@@ -25,10 +25,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
+from evaluators.tasks import DEFAULT_INCLUDE_PATH
 from merge_core.errors import EvomergeError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-TASKS_DIR = REPO_ROOT / "configs" / "tasks"
+TASKS_DIR = DEFAULT_INCLUDE_PATH
 DEFAULT_ZOO_DIR = Path("results/zoo")
 ZOO_CACHE_ENV = "EVOMERGE_ZOO_DIR"
 ZOO_SEED_ENV = "EVOMERGE_ZOO_SEED"
@@ -132,7 +132,7 @@ class ZooSpec:
     correct_share: float = 0.35
     base_steps: int = 2000
     base_batch: int = 64
-    base_lr: float = 3e-3
+    base_lr: float = 2e-3
     lora_rank: int = 8
     lora_alpha: float = 16.0
     finetune_steps: int = 100
@@ -268,6 +268,61 @@ def _train(model, params, batches: Iterable, steps: int, lr: float, log: Callabl
         if step % 200 == 0 or step == steps - 1:
             log(f"{name}: step {step + 1}/{steps} loss {loss.item():.3f}")
     model.eval()
+
+
+BASE_CHECK_ROWS = 64
+BASE_EXTRA_ROUNDS = 3
+"""A base that has not learned a skill gets up to this many more rounds of half the steps at half the rate."""
+
+
+def answer_probability(model, tokenizer, items: list[Item]) -> float:
+    """Mean over items of the probability the model gives its correct answer's least likely token, read
+    teacher-forced: a base that learned a skill puts about ``correct_share`` there, one that did not, ~0."""
+    import torch
+
+    ids, mask, labels = _batch(tokenizer, [i.prompt for i in items], [i.answer for i in items], answer_only=True)
+    with torch.no_grad():
+        probs = model(input_ids=ids, attention_mask=mask).logits[:, :-1].softmax(-1)
+    targets = labels[:, 1:]
+    picked = probs.gather(-1, targets.clamp(min=0)[..., None])[..., 0].masked_fill(targets == -100, 1.0)
+    return picked.min(1).values.mean().item()
+
+
+def base_competence(base, tokenizer, spec: ZooSpec, held_out: set[str]) -> dict[str, float]:
+    """``answer_probability`` per skill on fresh training-distribution prompts (no task prompt among them)."""
+    rng = random.Random(f"{spec.seed}-base-check")
+    competence = {}
+    for skill in spec.skills:
+        items: list[Item] = []
+        while len(items) < BASE_CHECK_ROWS:
+            item = SKILLS[skill](rng)
+            if item.prompt not in held_out:
+                items.append(item)
+        competence[skill] = round(answer_probability(base, tokenizer, items), 4)
+    return competence
+
+
+def pretrain(spec: ZooSpec, tokenizer, held_out: set[str], log: Callable[[str], None]):
+    """The base, trained until it computes every skill.
+
+    Which circuit a tiny model forms depends on float rounding, so on another CPU (other kernels) or seed a
+    run can end without one skill, e.g. reversal's first letter: no fine-tune then elicits it. The check
+    (``base_competence`` at least half of ``correct_share``) turns that chance into more training on the
+    same stream of batches, so the family has the same properties on every machine."""
+    base = _new_base(spec, tokenizer)
+    batches = _pretrain_batches(spec, tokenizer, held_out)
+    _train(base, list(base.parameters()), batches, spec.base_steps, spec.base_lr, log, "base")
+    competence, rounds = base_competence(base, tokenizer, spec, held_out), 0
+    while min(competence.values()) < spec.correct_share / 2 and rounds < BASE_EXTRA_ROUNDS:
+        rounds += 1
+        log(f"base: answer probability {competence} below {spec.correct_share / 2:.3f}: round {rounds + 1}")
+        _train(base, list(base.parameters()), batches, spec.base_steps // 2, spec.base_lr / 2, log,
+               f"base round {rounds + 1}")
+        competence = base_competence(base, tokenizer, spec, held_out)
+    if min(competence.values()) < spec.correct_share / 2:
+        log(f"warning: after {rounds + 1} rounds the base's answer probability is {competence}: "
+            "a skill it never learned cannot be fine-tuned in; try another EVOMERGE_ZOO_SEED")
+    return base, {"answer_probability": competence, "extra_rounds": rounds}
 
 
 def _pretrain_batches(spec: ZooSpec, tokenizer, held_out: set[str]):
@@ -439,8 +494,10 @@ def finetune(base, tokenizer, spec: ZooSpec, skill: str, held_out: set[str], log
         _train(model, params, batches, spec.finetune_steps, spec.finetune_lr, log, name, _finetune_loss)
     else:
         with _mixed_with_base_mlps(model, base, MOE_READY_LOWEST_SHARE) as mixed:
-            _train(model, params, batches, spec.finetune_steps, spec.finetune_lr, log, name,
-                   lambda model, batch: _finetune_loss(model, batch) + MOE_READY_MLP_MATCH * _mlp_deviation(mixed, batch))
+            def loss(model, batch):
+                return _finetune_loss(model, batch) + MOE_READY_MLP_MATCH * _mlp_deviation(mixed, batch)
+
+            _train(model, params, batches, spec.finetune_steps, spec.finetune_lr, log, name, loss)
     _fold_lora(model)
     return model
 
@@ -448,12 +505,13 @@ def finetune(base, tokenizer, spec: ZooSpec, skill: str, held_out: set[str], log
 # --- experts for a mixture of experts ------------------------------------------------------------------
 
 MOE_READY_DIR = "moe_ready"
-MOE_READY_STEPS = 300
+MOE_READY_STEPS = 600
+"""Long enough for an expert to keep its skill at the small, token-to-token varying shares a soft router
+gives it: at 300 steps reversal kept 0.78 in the zoo's three-expert mixture on some CPUs, against 0.98
+with an even third of every token."""
 MOE_READY_LOWEST_SHARE = 0.01
 MOE_READY_CORRECT_REPLAY = 0.5
 MOE_READY_MLP_MATCH = 1.0
-
-
 @contextlib.contextmanager
 def _mixed_with_base_mlps(model, base, lowest_share: float):
     """While training, each layer's MLP output is mixed with the base's at a random per-token share of
@@ -765,12 +823,10 @@ def _build(directory: Path, spec: ZooSpec, log: Callable[[str], None]) -> Zoo:
     held_out = held_out_prompts()
     with _deterministic_torch(spec.seed):
         tokenizer = train_tokenizer()
-        base = _new_base(spec, tokenizer)
-        _train(base, list(base.parameters()), _pretrain_batches(spec, tokenizer, held_out), spec.base_steps,
-               spec.base_lr, log, "base")
+        base, base_check = pretrain(spec, tokenizer, held_out, log)
         finetunes = {skill: finetune(base, tokenizer, spec, skill, held_out, log) for skill in spec.skills}
-        conflicting = {conflicting_name(skill): finetune(base, tokenizer, spec, skill, held_out, log, greedy_replay=True)
-                       for skill in spec.conflicting}
+        conflicting = {conflicting_name(skill): finetune(base, tokenizer, spec, skill, held_out, log,
+                                                         greedy_replay=True) for skill in spec.conflicting}
         models = {"base": base, **finetunes, **conflicting}
         for name, model in models.items():
             shutil.rmtree(directory / name, ignore_errors=True)
@@ -791,6 +847,7 @@ def _build(directory: Path, spec: ZooSpec, log: Callable[[str], None]) -> Zoo:
                   "tasks": TASK_SEED},
         "tasks": {skill: task_name(skill) for skill in spec.skills} | {f"{MC_SKILL}_mc": MC_TASK},
         "models": {name: {"path": name, "scores": scores[name]} for name in models},
+        "base_check": base_check,
         "merge_grid": grid,
         "best_source_average": best_source,
         "best_merge": best_merge,
@@ -806,10 +863,17 @@ def _build(directory: Path, spec: ZooSpec, log: Callable[[str], None]) -> Zoo:
     return _load_zoo(directory, json.loads(text))  # as a cached call would return it (lists, not tuples)
 
 
+def project_root() -> Path:
+    """The source checkout this module is in, else (an installed evomerge) the current directory: where
+    ``results/`` goes."""
+    checkout = Path(__file__).resolve().parent.parent
+    return checkout if (checkout / "pyproject.toml").is_file() and (checkout / "configs").is_dir() else Path.cwd()
+
+
 def ensure_zoo(directory: str | Path | None = None, spec: ZooSpec | None = None) -> Zoo:
-    """The shared cached zoo (``$EVOMERGE_ZOO_DIR`` or ``results/zoo`` at the repo root): the test suite and
-    ``evomerge demo`` build it once between them."""
-    return build_zoo(directory or os.environ.get(ZOO_CACHE_ENV) or REPO_ROOT / DEFAULT_ZOO_DIR, spec)
+    """The shared cached zoo (``$EVOMERGE_ZOO_DIR`` or ``results/zoo`` under ``project_root()``): the test
+    suite and ``evomerge demo`` build it once between them."""
+    return build_zoo(directory or os.environ.get(ZOO_CACHE_ENV) or project_root() / DEFAULT_ZOO_DIR, spec)
 
 
 def summary(zoo: Zoo) -> str:

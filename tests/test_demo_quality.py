@@ -51,7 +51,7 @@ def test_the_gain_holds_on_the_test_split_in_the_leaderboard(demo_run):
 
 def test_demo_prints_the_figures_of_its_own_run(demo_run):
     """The figures vary by machine, so `evomerge demo` prints its run's own: best source, hand-written, best."""
-    from search.cli import demo_figures
+    from search.cli.demo import demo_figures
 
     study, run_dir, _ = demo_run
     complete = study.get_trials(states=(TrialState.COMPLETE,))

@@ -119,7 +119,7 @@ def test_task_arithmetic_merge_beats_every_source_average_by_a_wide_margin(famil
     merged_average = sum(zoo.score_skills(merged, tokenizer, skills).values()) / len(skills)
     source_averages = [sum(entry["scores"]["test"][s] for s in skills) / len(skills)
                        for entry in family.manifest["models"].values()]
-    assert merged_average == pytest.approx(best["average"])
+    assert merged_average == pytest.approx(best["average"], abs=1e-4)  # the manifest keeps 4 decimals
     assert merged_average >= max(source_averages) + 0.2, (merged_average, source_averages)
 
 
