@@ -24,6 +24,8 @@ from tests.crash_worker import GateEvaluator
 from tests.families import make_family
 from tests.postgres import find_bin, postgres_server
 
+pytestmark = pytest.mark.slow  # trains the demo family, runs searches or worker processes
+
 ROOT = Path(__file__).resolve().parent.parent
 BASELINES = 3  # scoring calls before the first trial: the base and two fine-tunes
 STUDY = "crash"

@@ -14,6 +14,8 @@ from search.config import load_search_config
 from search.loop import search
 from search.report import write_report
 
+pytestmark = pytest.mark.slow  # trains the demo family, runs searches or worker processes
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -249,6 +249,7 @@ def test_perplexity_is_lower_is_better_with_per_chunk_samples_and_follows_weight
 
 # --- the demo zoo (built once per machine and shared with the other tests) ------------------------------
 
+@pytest.mark.slow
 def test_each_zoo_fine_tune_masters_its_own_task_through_lm_eval():
     from search import zoo as zoo_module
 

@@ -11,6 +11,8 @@ import yaml
 from search import zoo
 from search.cli import main
 
+pytestmark = pytest.mark.slow  # trains the demo family, runs searches or worker processes
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "configs" / "examples").glob("*.yaml"))
 

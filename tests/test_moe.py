@@ -194,6 +194,7 @@ def zoo_moe(tmp_path_factory):
     return experts, model, AutoTokenizer.from_pretrained(out)
 
 
+@pytest.mark.slow
 def test_moe_ready_experts_differ_from_the_base_only_in_their_mlps(zoo_moe):
     from search import zoo
 
@@ -205,6 +206,7 @@ def test_moe_ready_experts_differ_from_the_base_only_in_their_mlps(zoo_moe):
         assert changed and all(".mlp." in name for name in changed), f"{skill}: {sorted(changed)[:3]}"
 
 
+@pytest.mark.slow
 def test_zoo_moe_routes_each_skill_to_its_expert(zoo_moe):
     """Most test prompts of a skill put the largest routing mass (all tokens, all layers) on its expert.
 
@@ -222,6 +224,7 @@ def test_zoo_moe_routes_each_skill_to_its_expert(zoo_moe):
         assert share >= 0.5, f"{skill}: {share:.2f} of its prompts routed mostly to its expert"
 
 
+@pytest.mark.slow
 def test_zoo_moe_keeps_each_expert_skill(zoo_moe):
     """Each skill's exact match (test split) in the MoE is within 0.1 of its expert's alone.
 

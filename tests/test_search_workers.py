@@ -17,6 +17,8 @@ from optuna.trial import TrialState
 from search import zoo
 from tests.postgres import find_bin, postgres_server
 
+pytestmark = pytest.mark.slow  # trains the demo family, runs searches or worker processes
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -14,6 +14,8 @@ from merge_core.errors import EvomergeError
 from search import zoo
 from search.cli import main
 
+pytestmark = pytest.mark.slow  # trains the demo family, runs searches or worker processes
+
 SPLITS = ("search", "test")
 
 

@@ -46,7 +46,8 @@ def add(sub) -> None:
                        help=f"output directory (default: {zoo.DEFAULT_ZOO_DIR})")
     build.add_argument("--quiet", action="store_true", help="no training log")
     build.add_argument("--moe-ready", action="store_true",
-                       help="also fine-tune experts for a mixture of experts (MLPs only, ~1 min) into DIR/moe_ready")
+                       help="also fine-tune experts for a mixture of experts (MLPs only, a few minutes) "
+                            "into DIR/moe_ready")
     build.set_defaults(func=cmd_zoo_build)
     tasks = actions.add_parser("tasks", help="regenerate the lm-eval task YAMLs and JSONL splits of the zoo's skills")
     tasks.add_argument("dir", nargs="?", default=str(zoo.TASKS_DIR), help="task directory (default: configs/tasks)")
