@@ -28,6 +28,7 @@ from optuna.distributions import FloatDistribution
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 from sqlalchemy import event
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, ProgrammingError, SQLAlchemyError
 
 from merge_core.architecture import count_layers
@@ -54,9 +55,13 @@ REPEATED_FAILURES = 5
 STORAGE_ERRORS = (SQLAlchemyError, optuna.exceptions.StorageInternalError)
 
 
+@event.listens_for(Engine, "connect")
 def _sqlite_write_ahead_log(dbapi_connection, _record) -> None:
     """SQLite commits without an fsync each (WAL, synchronous=NORMAL): a trial makes a dozen small writes,
-    which otherwise cost more than scoring a small model. Committed data survives a crashed process."""
+    which otherwise cost more than scoring a small model. Committed data survives a crashed process.
+    Registered for every engine of the process, not only the study's: a connection to the same file that
+    misses these settings (a report's, a config check's) left the database malformed after a worker was
+    killed (tests/test_crash_safety.py), so each SQLite connection gets them from its first statement."""
     if isinstance(dbapi_connection, sqlite3.Connection):
         dbapi_connection.execute("PRAGMA journal_mode=WAL")
         dbapi_connection.execute("PRAGMA synchronous=NORMAL")
@@ -77,9 +82,6 @@ def open_storage(config: SearchConfig) -> RDBStorage:
                                      grace_period=config.grace_seconds,
                                      heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
                                          max_retry=MAX_RETRY))
-            if storage.engine.dialect.name == "sqlite":  # on this storage's engine only, then on every connection
-                event.listen(storage.engine, "connect", _sqlite_write_ahead_log)
-                storage.engine.dispose()
             return storage
         except (IntegrityError, ProgrammingError):
             if attempt == 4:
