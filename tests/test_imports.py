@@ -95,7 +95,7 @@ def test_no_module_imports_another_modules_private_names():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("module", sorted(modules()))
+@pytest.mark.parametrize("module", sorted(m for m in modules() if not m.endswith("__main__")))  # that one runs
 def test_each_module_imports_in_a_fresh_interpreter(module):
     run = subprocess.run([sys.executable, "-c", f"import {module}"], cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
