@@ -9,14 +9,13 @@ merged), and the tasks and their metrics. Each failure is one ``EvomergeError`` 
 
 from __future__ import annotations
 
-import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from merge_core.architecture import count_layers
-from merge_core.checkpoint import CheckpointReader, resolve_model_path
+from merge_core.checkpoint import CheckpointReader, check_writable_dir, resolve_model_path
 from merge_core.errors import EvomergeError
 from merge_core.methods import check_inputs, get_method
 from merge_core.plan import plan_merge
@@ -35,20 +34,6 @@ class Preflight:
     dims: list[Dimension]
     tensors: int
     evaluator: Any
-
-
-def check_writable_dir(path: Path, field: str) -> None:
-    """``path`` is, or can be created as, a directory this process may write in (nothing is created)."""
-    existing = path
-    while not existing.exists():
-        if existing.parent == existing:
-            break
-        existing = existing.parent
-    if existing.exists() and not existing.is_dir():
-        what = "is a file" if existing == path else f"is under {existing}, which is not a directory"
-        raise EvomergeError(f"{field}: {path} {what}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise EvomergeError(f"{field}: {path} is not writable" + ("" if existing == path else f" ({existing} is not)"))
 
 
 def sqlite_file(url: str) -> Path | None:
@@ -91,11 +76,11 @@ def check_storage(config: SearchConfig) -> None:
     if path is None:
         raise EvomergeError(f"storage: {url}: an in-memory database cannot hold a study (give a file)")
     if not path.exists():
-        check_writable_dir(path.parent, field)
+        check_writable_dir(path.parent, f"{field}:")
         return
     if not path.is_file():
         raise EvomergeError(f"{field}: {path} is not a file")
-    check_writable_dir(path.parent, field)
+    check_writable_dir(path.parent, f"{field}:")
     # Read as immutable: no lock taken, no -wal/-shm file made or removed, so a worker or a killed
     # worker's database is never disturbed (only the main file is checked; the WAL is the storage's).
     try:
@@ -261,7 +246,7 @@ def check_objective(config: SearchConfig, evaluator: Any) -> None:
 def preflight(config: SearchConfig, config_dir: Path | None = None, evaluator: Any = None) -> Preflight:
     """All checks, cheapest first; ``evaluator`` (else one built from the config) is checked and kept."""
     check_device(config.device, "device:")
-    check_writable_dir(config.run_dir, "output_dir")
+    check_writable_dir(config.run_dir, "output_dir:")
     check_storage(config)
     paths = {ref: str(resolve_model_path(ref, config_dir)) for ref in [config.base_model, *config.models]}
     readers = {ref: CheckpointReader(path) for ref, path in paths.items()}
