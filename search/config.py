@@ -53,6 +53,11 @@ class TaskSpec(StrictModel):
     metric: str | None = Field(default=None, min_length=1)
 
 
+def default_storage_url(run_dir: Path) -> str:
+    """Where a run keeps its study unless ``storage`` says otherwise: SQLite beside the run's outputs."""
+    return f"sqlite:///{(run_dir / 'study.db').as_posix()}"
+
+
 class SearchConfig(StrictModel):
     """Everything ``evomerge search`` needs; see the README's search config reference."""
 
@@ -116,7 +121,7 @@ class SearchConfig(StrictModel):
 
     @property
     def storage_url(self) -> str:
-        return self.storage or f"sqlite:///{(self.run_dir / 'study.db').as_posix()}"
+        return self.storage or default_storage_url(self.run_dir)
 
     @property
     def study(self) -> str:

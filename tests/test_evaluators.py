@@ -51,6 +51,25 @@ def make_tiny_model(out_dir: Path):
     return model, tokenizer
 
 
+
+def make_noisy_family(root: Path, noise: float) -> dict[str, str]:
+    """``make_tiny_model``'s base and two fine-tunes, each the base plus seeded Gaussian noise of std ``noise``
+    on every tensor: a family whose members score differently on the fixture tasks."""
+    from transformers import AutoModelForCausalLM
+
+    base, tokenizer = make_tiny_model(root / "base")
+    paths = {"base": str(root / "base")}
+    for i in (1, 2):
+        generator = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            tuned = {n: t + noise * torch.randn(t.shape, generator=generator) for n, t in base.state_dict().items()}
+        model = AutoModelForCausalLM.from_pretrained(paths["base"])
+        model.load_state_dict(tuned)
+        model.save_pretrained(root / f"ft{i}")
+        tokenizer.save_pretrained(root / f"ft{i}")
+        paths[f"ft{i}"] = str(root / f"ft{i}")
+    return paths
+
 def force_token(model, token_id: int) -> None:
     """Make greedy decoding always emit ``token_id``: residual dim 0 is held at 1, the only thing lm_head reads."""
     with torch.no_grad():

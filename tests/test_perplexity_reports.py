@@ -13,7 +13,6 @@ import numpy as np
 import optuna
 import pandas as pd
 import pytest
-import torch
 import yaml
 from optuna.trial import TrialState
 
@@ -24,7 +23,7 @@ from search.cli import main
 from search.config import SearchConfig
 from search.loop import config_differences, progress_status, search
 from search.report import Row, display_frame, leaderboard_frame, paired_bootstrap, write_report
-from tests.test_evaluators import FIXTURE_TASKS, make_tiny_model
+from tests.test_evaluators import FIXTURE_TASKS, make_noisy_family
 
 ENV = {"include_path": str(FIXTURE_TASKS), "batch_size": 8}
 
@@ -32,21 +31,7 @@ ENV = {"include_path": str(FIXTURE_TASKS), "batch_size": 8}
 @pytest.fixture(scope="module")
 def fam(tmp_path_factory):
     """A random tiny Llama base and two fine-tunes (base + noise), with the fixture tasks' word tokenizer."""
-    from transformers import AutoModelForCausalLM
-
-    root = tmp_path_factory.mktemp("ppl-family")
-    base, tokenizer = make_tiny_model(root / "base")
-    paths = {"base": str(root / "base")}
-    for i in (1, 2):
-        generator = torch.Generator().manual_seed(i)
-        with torch.no_grad():
-            tuned = {n: t + 0.3 * torch.randn(t.shape, generator=generator) for n, t in base.state_dict().items()}
-        model = AutoModelForCausalLM.from_pretrained(paths["base"])
-        model.load_state_dict(tuned)
-        model.save_pretrained(root / f"ft{i}")
-        tokenizer.save_pretrained(root / f"ft{i}")
-        paths[f"ft{i}"] = str(root / f"ft{i}")
-    return paths
+    return make_noisy_family(tmp_path_factory.mktemp("ppl-family"), 0.3)
 
 
 def config_dict(fam, run_dir, metric="byte_perplexity", **extra) -> dict:

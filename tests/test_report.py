@@ -274,19 +274,9 @@ def test_test_split_columns_are_lm_eval_scores_of_each_rows_model(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from evaluators import LmEvalEvaluator
-    from tests.test_evaluators import FIXTURE_TASKS, make_tiny_model
+    from tests.test_evaluators import FIXTURE_TASKS, make_noisy_family
 
-    base, tokenizer = make_tiny_model(tmp_path / "base")
-    fam = {"base": str(tmp_path / "base")}
-    for i in (1, 2):
-        generator = torch.Generator().manual_seed(i)
-        with torch.no_grad():
-            tuned = {n: t + 0.5 * torch.randn(t.shape, generator=generator) for n, t in base.state_dict().items()}
-        model = AutoModelForCausalLM.from_pretrained(fam["base"])
-        model.load_state_dict(tuned)
-        model.save_pretrained(tmp_path / f"ft{i}")
-        tokenizer.save_pretrained(tmp_path / f"ft{i}")
-        fam[f"ft{i}"] = str(tmp_path / f"ft{i}")
+    fam = make_noisy_family(tmp_path, 0.5)
     run_dir = tmp_path / "run"
     config = config_for(fam, run_dir, n_trials=2, include_path=str(FIXTURE_TASKS), batch_size=8,
                         tasks=[{"name": "fx_pick"}, {"name": "fx_yesno"}])
@@ -298,7 +288,8 @@ def test_test_split_columns_are_lm_eval_scores_of_each_rows_model(tmp_path):
     source = on_test.score(AutoModelForCausalLM.from_pretrained(fam["ft1"]), AutoTokenizer.from_pretrained(fam["ft1"]))
     assert table.loc["ft1", "average (test)"] == pytest.approx(objective_of(source, config))
     assert main(["merge", str(run_dir / "best_recipe.yaml"), str(tmp_path / "best"), "--quiet"]) == 0
-    best = on_test.score(AutoModelForCausalLM.from_pretrained(tmp_path / "best"), tokenizer)
+    best = on_test.score(AutoModelForCausalLM.from_pretrained(tmp_path / "best"),
+                         AutoTokenizer.from_pretrained(fam["base"]))
     assert table.loc[f"trial {study.best_trial.number}", "average (test)"] == pytest.approx(objective_of(best, config))
     assert table.loc["ft1", "fx_pick acc (search)"] == study.user_attrs["baselines"]["ft1"]["scores"]["tasks"][
         "fx_pick"]["metrics"]["acc"]
