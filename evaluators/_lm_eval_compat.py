@@ -1,8 +1,9 @@
 """The one place that uses lm-eval's private API; ``tests/test_compat.py`` fails loudly when it moves.
 
 Needed for what lm-eval 0.4 offers no public call for: a task's filter names (per-filter metric keys
-such as ``exact_match,strict-match``), whether an indexed name is a tag or a task (to load a tag's YAML
-tasks with evomerge's path handling), and a cache for the Jinja templates it recompiles per document.
+such as ``exact_match,strict-match``) and its filters applied to some of its instances, whether an indexed
+name is a tag or a task (to load a tag's YAML tasks with evomerge's path handling), and a cache for the
+Jinja templates it recompiles per document.
 """
 
 from __future__ import annotations
@@ -10,11 +11,18 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-__all__ = ["cache_prompt_templates", "filter_names", "is_tag", "is_yaml_task"]
+__all__ = ["apply_filters", "cache_prompt_templates", "filter_names", "is_tag", "is_yaml_task"]
 
 
 def filter_names(task: Any) -> list[str]:
     return [f.name for f in task._filters]
+
+
+def apply_filters(task: Any, instances: list) -> None:
+    """``task.apply_filters()`` on some of its instances only: a candidate scored on a subset of the documents
+    (multi-fidelity) has no responses for the others, which lm-eval's filters would index."""
+    for ensemble in task._filters:
+        ensemble.apply(instances)
 
 
 def is_tag(entry: Any) -> bool:

@@ -18,15 +18,18 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from evaluators._lm_eval_compat import cache_prompt_templates, filter_names
+from evaluators._lm_eval_compat import apply_filters, cache_prompt_templates, filter_names
 from evaluators.base import Scores, TaskScore
 from evaluators.loading import ensure_on_device
 from evaluators.tasks import DEFAULT_INCLUDE_PATH, build_tasks, quiet_lm_eval
 from merge_core.errors import EvomergeError
 
 FEWSHOT_SEED = 1234  # lm-eval's default few-shot seed, so prompts match a plain lm-eval run
+# The order in which multi-fidelity rungs take a task's documents: one seeded permutation per task, the same
+# for every candidate, so candidates at a rung are compared on the same documents.
+RUNG_ORDER_SEED = 20250
 SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "num_beams")
 
 
@@ -90,6 +93,13 @@ def _live_hflm_class():
                 self.model.generation_config = own_config
 
     return LiveHFLM
+
+
+def rung_order(task: str, documents: int) -> list[int]:
+    """The order in which multi-fidelity rungs take a task's documents (positions in document order)."""
+    import random
+
+    return random.Random(f"{RUNG_ORDER_SEED}:{task}").sample(range(documents), documents)
 
 
 def check_limit(limit: int | float | None) -> None:
@@ -224,15 +234,60 @@ class LmEvalEvaluator:
         tasks = {name: self._task_score(name, requests.docs[name]) for name in self._tasks}
         return Scores(tasks=tasks, seconds=time.perf_counter() - start)
 
-    @staticmethod
-    def _run(lm: Any, requests: _Requests) -> None:
-        """Fresh responses for every request; lm-eval groups and batches them per request type."""
+    def document_counts(self) -> dict[str, int]:
+        """How many documents each task scores (after ``limit``), known without a model."""
+        from lm_eval.evaluator_utils import get_sample_size
+
+        return {name: len(list(task.doc_iterator(rank=0, limit=get_sample_size(task, self.limit), world_size=1)))
+                for name, task in self._tasks.items()}
+
+    def score_rungs(self, model: Any, tokenizer: Any, rungs: list[int | None]) -> Iterator[Scores]:
+        """Scores on growing, nested subsets of each task's documents (multi-fidelity): rung k covers
+        ``min(rungs[k], documents)`` documents per task (None: all), the first ones of a seeded permutation
+        that every candidate shares. Each document is scored once: a rung runs only the documents the one
+        before it did not, and keeps the earlier responses, so a candidate that reaches the last rung costs
+        what ``score`` costs and gets the same ``Scores`` (documents in document order). The caller stops
+        iterating to prune the candidate; ``Scores.seconds`` is the time spent so far."""
         import torch
 
-        for instances in requests.by_type.values():
+        start = time.perf_counter()
+        own_threads = torch.get_num_threads()
+        lm = self._lm_for(model, tokenizer)
+        requests = self._requests_for(lm, tokenizer)
+        self._clear(requests.by_type.values())
+        orders = {name: rung_order(name, len(docs)) for name, docs in requests.docs.items()}
+        scored = dict.fromkeys(orders, 0)  # per task: how many of its documents, in rung order, are scored
+        for rung in rungs:
+            by_type: dict[str, list] = defaultdict(list)
+            for name, order in orders.items():
+                upto = len(order) if rung is None else min(rung, len(order))
+                for position in order[scored[name]:upto]:
+                    for instance in requests.docs[name][position][1]:
+                        by_type[instance.request_type].append(instance)
+                scored[name] = max(scored[name], upto)
+            torch.set_num_threads(self.threads or own_threads)
+            try:
+                self._run(lm, _Requests(tokenizer, dict(by_type), {}), clear=False)
+            finally:
+                torch.set_num_threads(own_threads)
+            tasks = {name: self._task_score(name, [requests.docs[name][i] for i in sorted(order[:scored[name]])])
+                     for name, order in orders.items()}
+            yield Scores(tasks=tasks, seconds=time.perf_counter() - start)
+
+    @staticmethod
+    def _clear(groups) -> None:
+        for instances in groups:
             for instance in instances:
                 instance.resps.clear()
                 instance.filtered_resps.clear()
+
+    @classmethod
+    def _run(cls, lm: Any, requests: _Requests, clear: bool = True) -> None:
+        """Fresh responses for every request; lm-eval groups and batches them per request type."""
+        import torch
+
+        if clear:
+            cls._clear(requests.by_type.values())
         with torch.inference_mode():
             for request_type, instances in requests.by_type.items():
                 repeated = [inst for inst in instances for _ in range(inst.repeats)]
@@ -303,7 +358,7 @@ class LmEvalEvaluator:
         from lm_eval.api.metrics import mean, perplexity
 
         task = self._tasks[name]
-        task.apply_filters()
+        apply_filters(task, [instance for _, instances in docs for instance in instances])
         filters = filter_names(task)
         per_doc: dict[str, list] = defaultdict(list)
         for filter_name in filters:

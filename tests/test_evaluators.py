@@ -309,3 +309,36 @@ def test_eval_command_reports_bad_input_in_one_line(tiny, tmp_path, capsys):
     assert main(["eval", str(model_dir), "--tasks", "fx_pik", "--include-path", str(FIXTURE_TASKS)]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 2 and "no tokenizer" in errors[0] and "fx_pick" in errors[1]
+
+
+def test_rungs_score_nested_document_subsets_once_each_and_the_last_rung_equals_a_full_score(tiny, evaluator,
+                                                                                            monkeypatch):
+    from evaluators.lm_eval_evaluator import LmEvalEvaluator as Evaluator
+    from evaluators.lm_eval_evaluator import rung_order
+
+    _, model, tokenizer = tiny
+    full = evaluator.score(model, tokenizer)
+    run = Evaluator._run
+    instances_run = []
+
+    def counting(lm, requests, clear=True):
+        instances_run.extend(i for group in requests.by_type.values() for i in group)
+        return run(lm, requests, clear)
+
+    monkeypatch.setattr(Evaluator, "_run", staticmethod(counting))
+    rungs = list(evaluator.score_rungs(model, tokenizer, [3, 7, None]))
+    assert len(rungs) == 3
+    for size, scores in zip([3, 7, 12], rungs):
+        for name in ("fx_pick", "fx_yesno"):
+            positions = sorted(rung_order(name, 12)[:size])
+            task = scores.tasks[name]
+            assert task.n == size
+            metric = "acc" if name == "fx_pick" else "exact_match"
+            assert task.samples[metric] == [full.tasks[name].samples[metric][i] for i in positions]
+            assert task.metrics[metric] == pytest.approx(sum(task.samples[metric]) / size)
+    assert rungs[-1].tasks == full.tasks  # brier_score (a corpus aggregation) included
+    assert len(instances_run) == len({id(i) for i in instances_run})  # no document scored twice
+    in_rungs = len(instances_run)
+    evaluator.score(model, tokenizer)
+    assert len(instances_run) - in_rungs == in_rungs  # and all of them, as a full score does
+    assert evaluator.document_counts() == {"fx_pick": 12, "fx_yesno": 12}
