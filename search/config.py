@@ -53,6 +53,36 @@ class TaskSpec(StrictModel):
     metric: str | None = Field(default=None, min_length=1)
 
 
+SAMPLERS = ("cmaes", "cmaes_ipop", "cmaes_bipop", "tpe", "gp", "random")
+PRUNERS = ("successive_halving", "hyperband")
+
+
+class Fidelity(StrictModel):
+    """Multi-fidelity: each candidate is scored on growing, nested subsets of the search split's documents
+    (``rungs``: documents per task, the last one ``all``), and after each rung but the last a pruner may stop
+    it (successive halving keeps about the best 1/``reduction_factor`` of the candidates at each rung;
+    hyperband runs several such brackets with different starting rungs)."""
+
+    rungs: list[int | Literal["all"]] = Field(min_length=2)
+    pruner: Literal[PRUNERS] = "successive_halving"
+    reduction_factor: int = Field(default=3, ge=2)
+
+    @field_validator("rungs")
+    @classmethod
+    def _growing(cls, rungs: list[int | str]) -> list[int | str]:
+        sizes = [r for r in rungs if r != "all"]
+        if "all" in rungs[:-1] or any(isinstance(r, bool) for r in rungs):
+            raise ValueError(f"{rungs}: rungs are numbers of documents per task; only the last may be 'all'")
+        if any(r < 1 for r in sizes) or any(b <= a for a, b in zip(sizes, sizes[1:])):
+            raise ValueError(f"{rungs}: rungs must be positive and strictly increasing")
+        return rungs
+
+    @property
+    def sizes(self) -> list[int | None]:
+        """The rungs as ``score_rungs`` takes them (None: all documents)."""
+        return [None if r == "all" else r for r in self.rungs]
+
+
 def default_storage_url(run_dir: Path) -> str:
     """Where a run keeps its study unless ``storage`` says otherwise: SQLite beside the run's outputs."""
     return f"sqlite:///{(run_dir / 'study.db').as_posix()}"
@@ -74,9 +104,14 @@ class SearchConfig(StrictModel):
     limit: int | None = Field(default=None, ge=1)
     num_fewshot: int | None = Field(default=None, ge=0)
     batch_size: int = Field(default=64, ge=1)
-    sampler: Literal["cmaes", "tpe", "random"] = "cmaes"
+    sampler: Literal[SAMPLERS] = "cmaes"
+    fidelity: Fidelity | None = None
+    # points the sampler learns first: the hand-written recipe (a trial, scored) and each source model where
+    # it is a point of the space (told with its baseline score, at no cost)
+    warm_start: list[Literal["handwritten", "sources"]] = Field(default_factory=lambda: ["handwritten"])
     n_trials: int | None = Field(default=60, ge=1)
     timeout: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    max_items: int | None = Field(default=None, ge=1)  # budget in item-evaluations (documents scored, all tasks)
     seed: int = Field(default=0, ge=0, le=2**32 - 1)  # the samplers' NumPy seeds
     storage: str | None = Field(default=None, min_length=1)
     study_name: str | None = Field(default=None, min_length=1)
@@ -103,8 +138,11 @@ class SearchConfig(StrictModel):
 
     @model_validator(mode="after")
     def _budget(self):
-        if self.n_trials is None and self.timeout is None:
-            raise ValueError("give n_trials, timeout or both")
+        if self.n_trials is None and self.timeout is None and self.max_items is None:
+            raise ValueError("give a budget: n_trials, timeout, max_items, or several")
+        if self.fidelity is not None and self.sampler == "gp":
+            raise ValueError("fidelity: the gp sampler learns from complete trials only, so every pruned "
+                             "candidate's evaluations would be lost; use cmaes, cmaes_ipop, cmaes_bipop, tpe or random")
         if len(set(self.models)) != len(self.models):
             raise ValueError("models: a model is listed twice")
         if self.grace_seconds <= self.heartbeat_seconds:
@@ -154,7 +192,7 @@ def check_method_parameters(config: SearchConfig) -> None:
 
 # Command-line flags of ``evomerge search``/``validate`` and the config fields they override.
 FLAG_FIELDS = {"--storage": "storage", "--study-name": "study_name", "--n-trials": "n_trials",
-               "--timeout": "timeout", "--device": "device"}
+               "--timeout": "timeout", "--max-items": "max_items", "--device": "device"}
 
 
 def with_overrides(config: SearchConfig, flags: dict[str, object], where: str = "command line") -> SearchConfig:

@@ -24,7 +24,6 @@ from typing import Any
 
 import optuna
 import torch
-from optuna.distributions import FloatDistribution
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 from sqlalchemy import event
@@ -41,7 +40,8 @@ from merge_core.runtime import DTYPES
 from search._optuna_compat import heartbeat, rdb_backend, set_user_attrs_in_one_transaction, storage_of, trial_id
 from search.config import SearchConfig
 from search.preflight import build_evaluator, preflight, root_cause, sqlite_file
-from search.space import Dimension, build_recipe, dimensions, handwritten_point, model_labels
+from search.samplers import make_pruner, make_sampler, rung_step
+from search.space import Dimension, build_recipe, dimensions, handwritten_point, model_labels, source_points
 
 MAX_RETRY = 2
 REFRESH_SECONDS = 1.0  # how often a worker reads other workers' trials for its budget check and progress bar
@@ -92,29 +92,6 @@ def open_storage(config: SearchConfig) -> RDBStorage:
                                 f"{str(exc).splitlines()[0]}") from None
 
 
-class _KnownSpaceCmaEsSampler(optuna.samplers.CmaEsSampler):
-    """CMA-ES over the search's own dimensions. The stock sampler infers the space on every ask as the
-    intersection of all past trials' parameters, a full read of the study costing as much as a small
-    model's materialization; a search's space is fixed by its config (sorted by name, as Optuna's)."""
-
-    def __init__(self, dims: list[Dimension], **kwargs):
-        super().__init__(**kwargs)
-        self._space = {d.key: FloatDistribution(d.low, d.high) for d in sorted(dims, key=lambda d: d.key)
-                       if d.low < d.high}
-
-    def infer_relative_search_space(self, study, trial) -> dict[str, FloatDistribution]:
-        return dict(self._space)
-
-
-def make_sampler(config: SearchConfig, dims: list[Dimension]) -> optuna.samplers.BaseSampler:
-    if config.sampler == "cmaes":
-        import cmaes  # noqa: F401  imported now (0.7 s, it pulls scipy.stats), not inside the first trial's ask
-        return _KnownSpaceCmaEsSampler(dims, seed=config.seed, warn_independent_sampling=False)
-    if config.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=config.seed, multivariate=True)
-    return optuna.samplers.RandomSampler(seed=config.seed)
-
-
 def _worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -158,21 +135,37 @@ def fail_orphaned_trials(study: optuna.Study, grace_seconds: float) -> None:
 
 
 def counts(trial: optuna.trial.FrozenTrial) -> bool:
-    """Whether a trial counts against ``n_trials``: complete, running, or failed because its candidate
-    failed (so a budget is always finite). A trial failed because its worker died or was interrupted
-    does not count: it is retried."""
+    """Whether a trial counts against ``n_trials``: complete, pruned (at what its rungs cost), running, or
+    failed because its candidate failed (so a budget is always finite). A trial failed because its worker
+    died or was interrupted does not count: it is retried; nor does one another worker's last slot made
+    surplus."""
+    if trial.state == TrialState.PRUNED:
+        return not trial.user_attrs.get("surplus")
+    if "source" in trial.user_attrs:
+        return False  # a warm start told from the baselines: nothing was evaluated for it
     return trial.state in (TrialState.COMPLETE, TrialState.RUNNING) or (
         trial.state == TrialState.FAIL and bool(trial.user_attrs.get("candidate_failed")))
 
 
 def done_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """The trials that count against the budget (see ``counts``)."""
-    states = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.FAIL)
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.FAIL)
     return [t for t in study.get_trials(deepcopy=False, states=states) if counts(t)]
+
+
+def items_scored(scores) -> int:
+    """Item-evaluations of one candidate: documents scored, summed over tasks."""
+    return sum(task.n for task in scores.tasks.values())
+
+
+def items_spent(done: list[optuna.trial.FrozenTrial]) -> int:
+    return sum(int(t.user_attrs.get("items", 0)) for t in done)
 
 
 def budget_left(done: list[optuna.trial.FrozenTrial], config: SearchConfig, started: float) -> bool:
     if _timed_out(config, started):
+        return False
+    if config.max_items is not None and items_spent(done) >= config.max_items:
         return False
     return config.n_trials is None or len(done) < config.n_trials
 
@@ -281,6 +274,26 @@ def score_baselines(study: optuna.Study, bench: Workbench) -> dict[str, Any]:
     return baselines
 
 
+def add_source_trials(study: optuna.Study, bench: Workbench, baselines: dict[str, Any]) -> None:
+    """Warm starts at no cost: each source that is a point of the space (``source_points``) is told to the
+    sampler as a complete trial with its baseline score, once per study. They do not count against the
+    budget and are marked ``source`` (their recipe reproduces the source)."""
+    from optuna.distributions import FloatDistribution
+
+    existing = {t.user_attrs.get("source") for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+    distributions = {d.key: FloatDistribution(d.low, d.high) for d in bench.dims}
+    if "sources" not in bench.config.warm_start:
+        return
+    for label, point in source_points(bench.config, bench.dims).items():
+        if label in existing or label not in baselines:
+            continue
+        baseline = baselines[label]
+        study.add_trial(optuna.trial.create_trial(
+            params=point, distributions=distributions, value=baseline["objective"],
+            user_attrs={"source": label, "recipe": bench.recipe(point, portable=True), "scores": baseline["scores"],
+                        "items": 0}))
+
+
 class _StopFlag:
     """First Ctrl-C: finish the current trial, then stop. Second Ctrl-C: stop now."""
 
@@ -331,12 +344,25 @@ def _score_trial(study: optuna.Study, trial: optuna.Trial, bench: Workbench) -> 
             started = time.perf_counter()
             bench.materialize(recipe)
             merged = time.perf_counter()
-            scores = bench.evaluator.score(bench.model, bench.tokenizer)
-            value = objective_of(scores, bench.config)
-            _set_user_attrs(study, trial, {"scores": scores.to_dict(), "materialize_seconds": merged - started,
-                                           "eval_seconds": time.perf_counter() - merged})
-            if value != value:
-                raise EvomergeError("the objective is NaN")
+            rungs = bench.config.fidelity.sizes if bench.config.fidelity else [None]
+            scored = (bench.evaluator.score_rungs(bench.model, bench.tokenizer, rungs) if bench.config.fidelity
+                      else iter([bench.evaluator.score(bench.model, bench.tokenizer)]))
+            for rung, scores in enumerate(scored):
+                value = objective_of(scores, bench.config)
+                last = rung == len(rungs) - 1
+                if value != value:
+                    raise EvomergeError("the objective is NaN")
+                if bench.config.fidelity:
+                    trial.report(value, rung_step(bench.config, rung))
+                if last or trial.should_prune():
+                    break
+            attrs = {"scores": scores.to_dict(), "materialize_seconds": merged - started,
+                     "eval_seconds": time.perf_counter() - merged, "items": items_scored(scores)}
+            if bench.config.fidelity:
+                attrs["rung"] = rung
+            _set_user_attrs(study, trial, attrs)
+            if not last:
+                return study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
             return study.tell(trial, value, skip_if_finished=True)
         except KeyboardInterrupt:  # a second Ctrl-C: the candidate is not at fault, so it is queued again
             if storage_of(study).get_trial(trial_id(trial)).state == TrialState.RUNNING:
@@ -377,8 +403,8 @@ def _set_user_attrs(study: optuna.Study, trial: optuna.Trial, attrs: dict[str, A
 # Config fields a rerun may change and still continue its study: the budget and where and how it runs.
 # Every other field (method, models, base, parameters, fixed, tasks and metrics, limit, num_fewshot, dtype,
 # seed, block size, include path, and fields added later) changes the objective or the space.
-RERUN_FREE_FIELDS = frozenset({"n_trials", "timeout", "threads", "batch_size", "device", "sampler", "storage",
-                               "study_name", "output_dir", "name"})
+RERUN_FREE_FIELDS = frozenset({"n_trials", "timeout", "max_items", "warm_start", "threads", "batch_size", "device",
+                               "sampler", "storage", "study_name", "output_dir", "name"})
 RERUN_CHOICES = ("check", "new", "continue")
 
 
@@ -484,11 +510,13 @@ def create_study(config: SearchConfig, bench: Workbench, rerun: str = "check") -
     storage = open_storage(config)
     handwritten = handwritten_point(config, bench.dims)
     study = optuna.create_study(study_name=config.study, storage=storage, direction="maximize",
-                                sampler=make_sampler(config, bench.dims), load_if_exists=True)
+                                sampler=make_sampler(config, bench.dims), pruner=make_pruner(config),
+                                load_if_exists=True)
     if "config" not in study.user_attrs:
         study.set_user_attr("config", json.loads(config.model_dump_json()))
         study.set_user_attr("evomerge_version", _version())
-        study.enqueue_trial(handwritten, user_attrs={"handwritten": True}, skip_if_exists=True)
+        if "handwritten" in config.warm_start:
+            study.enqueue_trial(handwritten, user_attrs={"handwritten": True}, skip_if_exists=True)
     else:
         reconcile_config(study, config, rerun)
     return study
@@ -569,6 +597,7 @@ def search(config: SearchConfig, *, config_dir: Path | None = None, evaluator=No
         study = create_study(config, bench, rerun)
         fail_orphaned_trials(study, config.grace_seconds)
         baselines = score_baselines(study, bench)
+        add_source_trials(study, bench, baselines)
     except Exception as exc:
         if _fresh(study, config, created):
             _discard(study, config, created)
@@ -664,8 +693,11 @@ def progress_status(done: list[optuna.trial.FrozenTrial], frozen, reference: tup
     if reference is not None and best == best:
         delta = best - reference[0]
         text += f" ({delta:+.{decimals_for_differences([delta])}f} vs {reference[1]} {reference[0]:.{d}f})"
-    return text + f" · trial {frozen.number}: " + (
-        f"{last:.{d}f}" if last is not None else f"failed ({frozen.user_attrs.get('fail_reason', '?')})")
+    if frozen.state == TrialState.PRUNED:
+        outcome = f"pruned after rung {frozen.user_attrs.get('rung', 0) + 1}"
+    else:
+        outcome = f"{last:.{d}f}" if last is not None else f"failed ({frozen.user_attrs.get('fail_reason', '?')})"
+    return text + f" · trial {frozen.number}: " + outcome
 
 
 def check_config(config: SearchConfig, config_dir: Path | None = None, rerun: str = "check") -> dict[str, Any]:
@@ -682,4 +714,6 @@ def check_config(config: SearchConfig, config_dir: Path | None = None, rerun: st
     return {"models": checked.paths, "layers": checked.num_layers, "dimensions": [d.key for d in checked.dims],
             "tensors": checked.tensors,
             "tasks": list(getattr(evaluator, "task_names", [t.name for t in config.tasks])),
-            "storage": config.storage_url, "sampler": config.sampler, "n_trials": config.n_trials}
+            "storage": config.storage_url, "sampler": config.sampler, "n_trials": config.n_trials,
+            "fidelity": None if config.fidelity is None else
+            f"rungs {config.fidelity.rungs}, {config.fidelity.pruner} (η = {config.fidelity.reduction_factor})"}

@@ -243,6 +243,22 @@ def check_objective(config: SearchConfig, evaluator: Any) -> None:
         check_objective_metric(task.name, metric, metrics[metric])
 
 
+def check_fidelity(config: SearchConfig, evaluator: Any) -> None:
+    """Multi-fidelity needs an evaluator that scores document subsets, and rungs the search split can fill: a
+    rung of at least every task's documents is the full evaluation already, and the ones after it cost nothing."""
+    if config.fidelity is None:
+        return
+    if not (hasattr(evaluator, "score_rungs") and hasattr(evaluator, "document_counts")):
+        raise EvomergeError(f"fidelity: the evaluator ({type(evaluator).__name__}) cannot score subsets of "
+                            "the documents (it has no score_rungs/document_counts)")
+    counts = evaluator.document_counts()
+    largest = max(counts, key=counts.get)
+    for i, rung in enumerate(config.fidelity.rungs):
+        if rung != "all" and rung >= counts[largest]:
+            raise EvomergeError(f"fidelity.rungs[{i}]: {rung} documents per task, but the largest task "
+                                f"({largest}) has {counts[largest]} in the search split (use 'all' for the last rung)")
+
+
 def preflight(config: SearchConfig, config_dir: Path | None = None, evaluator: Any = None) -> Preflight:
     """All checks, cheapest first; ``evaluator`` (else one built from the config) is checked and kept."""
     check_device(config.device, "device:")
@@ -257,4 +273,5 @@ def preflight(config: SearchConfig, config_dir: Path | None = None, evaluator: A
     evaluator = evaluator or build_checked_evaluator(config)
     check_tasks(config, evaluator)
     check_objective(config, evaluator)
+    check_fidelity(config, evaluator)
     return Preflight(paths, num_layers, dims, tensors, evaluator)

@@ -129,3 +129,41 @@ def build_recipe(config: SearchConfig, dims: list[Dimension], values: dict[str, 
         slices.append({"sources": sources, **({"parameters": s} if (s := params_of(None, block)) else {})})
     recipe["slices"] = slices
     return recipe
+
+
+# Methods whose result is exactly one source when that source has weight 1, every other weight 0 and nothing
+# is dropped (density 1, λ 1): base + 1·(source − base), and TIES' election then follows that source's signs.
+SOURCE_REPRODUCING = frozenset({"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
+                                "breadcrumbs_ties", "della", "della_linear"})
+SOURCE_SETTINGS = {"density": 1.0, "lambda": 1.0}
+INERT_AT_FULL_DENSITY = frozenset({"epsilon", "gamma"})  # only shape what density drops
+
+
+def source_points(config: SearchConfig, dims: list[Dimension]) -> dict[str, dict[str, float]]:
+    """Each source model as a point of the space, by label, where the space holds one (see
+    ``SOURCE_REPRODUCING``: weights 0 and 1, density 1 and λ 1 within their bounds, every other searched
+    parameter inert there, and for ``linear`` and normalized merges the result unchanged by the other weights);
+    empty otherwise. The search tells the sampler these points with the sources' own scores, as warm starts
+    that cost no evaluation."""
+    if config.method not in SOURCE_REPRODUCING or "weight" not in config.parameters:
+        return {}
+    if any(config.fixed.get(name, value) != value for name, value in SOURCE_SETTINGS.items()):
+        return {}  # e.g. a fixed density below 1 drops part of every task vector
+    point_of: dict[str, dict[str, float]] = {}
+    labels = model_labels(config.models)
+    for source in config.models:
+        point = {}
+        for d in dims:
+            if d.param == "weight":
+                value = 1.0 if d.model == source else 0.0
+            elif d.param in SOURCE_SETTINGS:
+                value = SOURCE_SETTINGS[d.param]
+            elif d.param in INERT_AT_FULL_DENSITY:
+                value = handwritten_point(config, [d])[d.key]
+            else:
+                return {}
+            if not d.low <= value <= d.high:
+                return {}
+            point[d.key] = value
+        point_of[labels[source]] = point
+    return point_of

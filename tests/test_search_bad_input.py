@@ -122,8 +122,21 @@ CASES = {
         "parameters.weight.groups: 'atention' matches no tensor name", None),
     "unknown key": ({"n_trails": 5}, [], "n_trails", None),
     "zero trials": ({"n_trials": 0}, [], "n_trials", None),
-    "no budget": ({"n_trials": None}, [], "give n_trials, timeout or both", None),
+    "no budget": ({"n_trials": None}, [], "give a budget: n_trials, timeout, max_items, or several", None),
     "negative seed": ({"seed": -1}, [], "seed", None),
+    "rungs not increasing": ({"fidelity": {"rungs": [20, 10, "all"]}}, [],
+                             "fidelity.rungs: [20, 10, 'all']: rungs must be positive and strictly increasing", None),
+    "rung 'all' before the last": ({"fidelity": {"rungs": ["all", 30]}}, [], "only the last may be 'all'", None),
+    "one rung": ({"fidelity": {"rungs": ["all"]}}, [], "fidelity.rungs", None),
+    "rung beyond the split": ({"fidelity": {"rungs": [20, 500, "all"]}}, [],
+                              "fidelity.rungs[1]: 500 documents per task, but the largest task", None),
+    "unknown pruner": ({"fidelity": {"rungs": [20, "all"], "pruner": "median"}}, [], "fidelity.pruner", None),
+    "pruner with a sampler that cannot use it": ({"sampler": "gp", "fidelity": {"rungs": [20, "all"]}}, [],
+                                                 "fidelity: the gp sampler learns from complete trials only", None),
+    "reduction factor 1": ({"fidelity": {"rungs": [20, "all"], "reduction_factor": 1}}, [],
+                           "fidelity.reduction_factor", None),
+    "unknown warm start": ({"warm_start": ["best"]}, [], "warm_start.0", None),
+    "unknown sampler": ({"sampler": "nsga"}, [], "sampler: Input should be", None),
     "name that is a path": ({"name": "../elsewhere"}, [], "name", None),
     "task listed twice": ({"tasks": [{"name": "zoo_cap"}, {"name": "zoo_cap"}]}, [], "listed twice", None),
     "unknown task": ({"tasks": [{"name": "zoo_nope"}]}, [], "zoo_nope", None),
@@ -150,6 +163,7 @@ CASES = {
     "--n-trials -3": ({}, ["--n-trials", "-3"], "--n-trials: ", None),
     "--timeout -1": ({}, ["--timeout", "-1"], "--timeout: Input should be greater than 0", None),
     "--timeout nan": ({}, ["--timeout", "nan"], "--timeout: ", None),
+    "--max-items 0": ({}, ["--max-items", "0"], "--max-items: Input should be greater than or equal to 1", None),
     "--device tpu": ({}, ["--device", "tpu"], "--device: use cpu, cuda or cuda:N, not 'tpu'", None),
     "--storage empty": ({}, ["--storage", ""], "--storage: ", None),
     "--study-name empty": ({}, ["--study-name", ""], "--study-name: ", None),
@@ -279,7 +293,9 @@ def test_trials_of_dead_or_interrupted_workers_do_not_count_against_the_budget()
     assert not counts(trial(TrialState.FAIL, fail_reason="worker host:1 died"))
     assert not counts(trial(TrialState.FAIL, fail_reason="interrupted"))
     assert not counts(trial(TrialState.FAIL))  # failed by Optuna's stale-heartbeat check
-    assert not counts(trial(TrialState.WAITING)) and not counts(trial(TrialState.PRUNED))
+    assert not counts(trial(TrialState.WAITING)) and not counts(trial(TrialState.PRUNED, surplus=True))
+    assert counts(trial(TrialState.PRUNED, rung=0))  # stopped by the pruner: it cost what its rungs cost
+    assert not counts(trial(TrialState.COMPLETE, source="ft1"))  # a warm start told from the baselines
 
 
 @pytest.mark.parametrize("storage", [None, "sqlite:///{tmp}/new/dir/s.db"])

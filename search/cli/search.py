@@ -14,7 +14,7 @@ def _search_config(args: argparse.Namespace):
 
     config = load_search_config(args.config)
     flags = {"--storage": args.storage, "--n-trials": args.n_trials, "--timeout": args.timeout,
-             "--device": args.device, "--study-name": args.study_name}
+             "--max-items": args.max_items, "--device": args.device, "--study-name": args.study_name}
     return with_overrides(config, flags), Path(args.config).parent
 
 
@@ -90,6 +90,8 @@ def _add_search_options(p) -> None:
     p.add_argument("--study-name", default=None, help="study name (default: the config's name)")
     p.add_argument("--n-trials", type=int, default=None, help="total number of trials in the study")
     p.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("--max-items", type=int, default=None,
+                   help="stop after this many item-evaluations (documents scored, all tasks and trials)")
     p.add_argument("--device", default=None, help="cpu or cuda")
     rerun = p.add_mutually_exclusive_group()
     rerun.add_argument("--new-study", action="store_true",

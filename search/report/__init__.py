@@ -20,6 +20,7 @@ from merge_core.checkpoint import check_writable_dir
 from merge_core.errors import EvomergeError
 from search.config import default_storage_url
 from search.loop import public_url
+from search.report.fidelity import fidelity_facts
 from search.report.leaderboard import (
     TEST_CACHE,
     Row,
@@ -111,8 +112,9 @@ def _write_report(run_dir: Path, rdb: RDBStorage, storage: str, study_name: str 
 
     states = {s: len(study.get_trials(deepcopy=False, states=(s,))) for s in TrialState}
     facts = {"study": study.study_name, "storage": storage_url, "method": config.method,
-             "trials": f"{states[TrialState.COMPLETE]} complete, {states[TrialState.RUNNING]} running, "
-                       f"{states[TrialState.FAIL]} failed",
+             "trials": f"{states[TrialState.COMPLETE]} complete, {states[TrialState.PRUNED]} pruned, "
+                       f"{states[TrialState.RUNNING]} running, {states[TrialState.FAIL]} failed",
+             "sampler": config.sampler, **fidelity_facts(study, config),
              "best": f"trial {best.number}: {best.value:.6g} (search split)",
              "tasks": ", ".join(f"{t.name} ×{t.weight:g}" for t in config.tasks),
              "evomerge": study.user_attrs.get("evomerge_version", "?")}

@@ -58,6 +58,8 @@ def leaderboard_rows(study: optuna.Study, ranked: list[FrozenTrial], top_k: int)
         roles[handwritten.number] = ["hand-written"]
     for rank, trial in enumerate(ranked[:top_k], start=1):
         roles.setdefault(trial.number, []).append("best" if rank == 1 else f"top {rank}")
+        if "source" in trial.user_attrs:
+            roles[trial.number].append(f"source {trial.user_attrs['source']} as a recipe")
     by_number = {t.number: t for t in ranked}
     order = ([handwritten.number] if handwritten else []) + [t.number for t in ranked[:top_k]]
     for number in dict.fromkeys(order):
