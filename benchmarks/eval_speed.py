@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from evaluators.lm_eval_evaluator import LmEvalEvaluator, offline_defaults  # noqa: E402
 from evaluators.tasks import DEFAULT_INCLUDE_PATH  # noqa: E402
-from search import zoo  # noqa: E402
+from search import demo  # noqa: E402
 
 DEMO_TAG = "evomerge_zoo"
 
@@ -31,7 +31,7 @@ def standin_model():
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = zoo.train_tokenizer()
+    tokenizer = demo.train_tokenizer()
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
@@ -60,7 +60,7 @@ def main() -> int:
             tasks = DEMO_TAG
         if tasks is None:  # the same tasks, written afresh
             include_path = Path(tmp) / "tasks"
-            zoo.write_tasks(include_path)
+            demo.write_tasks(include_path)
             tasks = DEMO_TAG
         if args.model:
             from evaluators.loading import load_model

@@ -21,8 +21,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from search.config import load_search_config  # noqa: E402
+from search.demo import ensure_zoo  # noqa: E402
 from search.loop import search  # noqa: E402
-from search.zoo import ensure_zoo  # noqa: E402
 
 
 def main(argv=None) -> int:

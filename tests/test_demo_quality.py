@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
-from search import zoo
+from search import demo
 from search.config import load_search_config
 from search.loop import search
 from search.report import write_report
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    zoo.build_zoo(ROOT / zoo.DEFAULT_ZOO_DIR)
+    demo.build_zoo(ROOT / demo.DEFAULT_ZOO_DIR)
     run_dir = tmp_path_factory.mktemp("demo")
     config = load_search_config(ROOT / "configs" / "demo.yaml")
     config = config.model_copy(update={"output_dir": str(run_dir), "include_path": str(ROOT / "configs" / "tasks")})

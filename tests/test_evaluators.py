@@ -270,9 +270,9 @@ def test_perplexity_is_lower_is_better_with_per_chunk_samples_and_follows_weight
 
 @pytest.mark.slow
 def test_each_zoo_fine_tune_masters_its_own_task_through_lm_eval():
-    from search import zoo as zoo_module
+    from search import demo
 
-    zoo = zoo_module.ensure_zoo()
+    zoo = demo.ensure_zoo()
     from evaluators import load_model
 
     tasks = zoo.manifest["tasks"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from search import zoo
+from search import demo
 from search.cli import main
 
 pytestmark = pytest.mark.slow  # trains the demo family, runs searches or worker processes
@@ -19,7 +19,7 @@ EXAMPLES = sorted((ROOT / "configs" / "examples").glob("*.yaml"))
 
 @pytest.fixture(scope="module")
 def family():
-    return zoo.build_zoo(ROOT / zoo.DEFAULT_ZOO_DIR)
+    return demo.build_zoo(ROOT / demo.DEFAULT_ZOO_DIR)
 
 
 @pytest.mark.parametrize("recipe", EXAMPLES, ids=lambda p: p.stem)

@@ -179,14 +179,14 @@ def zoo_moe(tmp_path_factory):
     with perfect routing their rev drops from 1.00 to 0.82; as experts rev 0.33, cap 0.79, nxt 0.40)."""
     from transformers import AutoTokenizer
 
-    from search import zoo
+    from search import demo
 
-    family = zoo.ensure_zoo()
-    experts = zoo.ensure_moe_ready_experts(family)
+    family = demo.ensure_zoo()
+    experts = demo.ensure_moe_ready_experts(family)
     recipe = {"merge_method": "moe", "base_model": str(family.base), "gate_mode": "hidden_avg",
               "experts_per_token": len(experts), "experts": [
                   {"source_model": str(expert["path"]),
-                   "positive_prompts": [item.prompt for item in zoo.eval_items(skill, "search")]}
+                   "positive_prompts": [item.prompt for item in demo.eval_items(skill, "search")]}
                   for skill, expert in experts.items()]}
     out = tmp_path_factory.mktemp("zoo_moe") / "moe"
     merge(load_recipe(recipe), out)
@@ -196,10 +196,10 @@ def zoo_moe(tmp_path_factory):
 
 @pytest.mark.slow
 def test_moe_ready_experts_differ_from_the_base_only_in_their_mlps(zoo_moe):
-    from search import zoo
+    from search import demo
 
     experts, _, _ = zoo_moe
-    base = CheckpointReader(zoo.ensure_zoo().base)
+    base = CheckpointReader(demo.ensure_zoo().base)
     for skill, expert in experts.items():
         reader = CheckpointReader(expert["path"])
         changed = {name for name in base.names if not torch.equal(base.get(name), reader.get(name))}
@@ -211,11 +211,11 @@ def test_zoo_moe_routes_each_skill_to_its_expert(zoo_moe):
     """Most test prompts of a skill put the largest routing mass (all tokens, all layers) on its expert.
 
     Measured: every test prompt of every skill does."""
-    from search import zoo
+    from search import demo
 
     experts, model, tokenizer = zoo_moe
     for expert, skill in enumerate(experts):
-        prompts = [item.prompt for item in zoo.eval_items(skill, "test")]
+        prompts = [item.prompt for item in demo.eval_items(skill, "test")]
         ids = torch.tensor(tokenizer(prompts, add_special_tokens=False)["input_ids"])  # same length: no padding
         with torch.no_grad():
             router_logits = model(input_ids=ids, output_router_logits=True).router_logits
@@ -230,10 +230,10 @@ def test_zoo_moe_keeps_each_expert_skill(zoo_moe):
 
     Measured: rev 0.92, cap 0.95, nxt 0.93, each expert alone 1.00. (Router weights sum to one per token, so
     each expert gets only part of most tokens: its training for that share is what keeps the skill.)"""
-    from search import zoo
+    from search import demo
 
     experts, model, tokenizer = zoo_moe
-    scores = zoo.score_skills(model, tokenizer, experts, "test")
+    scores = demo.score_skills(model, tokenizer, experts, "test")
     for skill, expert in experts.items():
         alone = expert["scores"][skill]
         assert scores[skill] >= alone - 0.1, f"{skill}: MoE {scores[skill]:.2f} vs expert {alone:.2f}"

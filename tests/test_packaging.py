@@ -45,11 +45,11 @@ def test_an_installed_copy_run_elsewhere_reads_its_own_configs_and_builds_the_de
     _, target = installed
     probe = ("import json\n"
              "from evaluators.tasks import CONFIGS_DIR, DEFAULT_INCLUDE_PATH, build_tasks\n"
-             "from search import zoo\n"
+             "from search.demo import project_root\n"
              "from search.cli import build_parser\n"
              "demo = build_parser().parse_args(['demo']).config\n"
              "tasks = build_tasks(['zoo_rev', 'zoo_cap'], DEFAULT_INCLUDE_PATH, 'test')\n"
-             "print(json.dumps({'configs': str(CONFIGS_DIR), 'demo': demo, 'root': str(zoo.project_root()),\n"
+             "print(json.dumps({'configs': str(CONFIGS_DIR), 'demo': demo, 'root': str(project_root()),\n"
              "                  'docs': {name: len(list(task.eval_docs)) for name, task in tasks.items()}}))\n")
     env = {**os.environ, "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     run = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from search import zoo
+from search import demo
 from tests.postgres import find_bin, postgres_server
 
 pytestmark = pytest.mark.slow  # trains the demo family, runs searches or worker processes
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def family():
-    return zoo.ensure_zoo()
+    return demo.ensure_zoo()
 
 
 def write_config(tmp_path: Path, family, n_trials: int) -> Path:

@@ -15,9 +15,9 @@ def run(args: argparse.Namespace) -> int:
     from search.cli.search import print_outcome
     from search.cli.zoo import no_stray_lock
     from search.config import load_search_config
+    from search.demo import build_zoo, project_root
     from search.loop import search
     from search.report import parse_storage_url, write_report
-    from search.zoo import build_zoo, project_root
 
     config_path = Path(args.config)
     shipped = config_path.resolve() == (CONFIGS_DIR / "demo.yaml").resolve()

@@ -24,38 +24,38 @@ def no_stray_lock(directory: str | Path):
 
 
 def cmd_zoo_build(args: argparse.Namespace) -> None:
-    from search import zoo
+    from search import demo
 
     log = (lambda message: None) if args.quiet else print
     check_writable_dir(args.dir, "zoo directory")
     with no_stray_lock(args.dir):
-        family = zoo.build_zoo(args.dir, log=log)
-    print(zoo.summary(family))
+        family = demo.build_zoo(args.dir, log=log)
+    print(demo.summary(family))
     if args.moe_ready:
-        for skill, expert in zoo.ensure_moe_ready_experts(family, log).items():
+        for skill, expert in demo.ensure_moe_ready_experts(family, log).items():
             print(f"moe-ready expert {skill}: {expert['path']} (test split, {skill}: {expert['scores'][skill]:.2f})")
 
 
 def add(sub) -> None:
-    from search import zoo
+    from search import demo
 
     p = sub.add_parser("zoo", help="the demo model family: a tiny Llama base and one fine-tune per skill")
     actions = p.add_subparsers(dest="zoo_command", required=True, metavar="{build,tasks}")
     build = actions.add_parser("build", help="train the family on CPU in minutes (cached: returns at once when built)")
-    build.add_argument("dir", nargs="?", default=str(zoo.DEFAULT_ZOO_DIR),
-                       help=f"output directory (default: {zoo.DEFAULT_ZOO_DIR})")
+    build.add_argument("dir", nargs="?", default=str(demo.DEFAULT_ZOO_DIR),
+                       help=f"output directory (default: {demo.DEFAULT_ZOO_DIR})")
     build.add_argument("--quiet", action="store_true", help="no training log")
     build.add_argument("--moe-ready", action="store_true",
                        help="also fine-tune experts for a mixture of experts (MLPs only, a few minutes) "
                             "into DIR/moe_ready")
     build.set_defaults(func=cmd_zoo_build)
     tasks = actions.add_parser("tasks", help="regenerate the lm-eval task YAMLs and JSONL splits of the zoo's skills")
-    tasks.add_argument("dir", nargs="?", default=str(zoo.TASKS_DIR), help="task directory (default: configs/tasks)")
+    tasks.add_argument("dir", nargs="?", default=str(demo.TASKS_DIR), help="task directory (default: configs/tasks)")
     tasks.set_defaults(func=cmd_zoo_tasks)
 
 
 def cmd_zoo_tasks(args: argparse.Namespace) -> None:
-    from search import zoo
+    from search import demo
 
     check_writable_dir(args.dir, "task directory")
-    print(f"wrote {len(zoo.write_tasks(args.dir))} files under {args.dir}")
+    print(f"wrote {len(demo.write_tasks(args.dir))} files under {args.dir}")

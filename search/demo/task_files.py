@@ -1,0 +1,139 @@
+"""The demo family's lm-eval tasks: the YAML configs and JSONL splits under ``configs/tasks`` (``evomerge zoo
+tasks`` rewrites them), and the task names the manifest maps its score columns to.
+
+The files are a view of ``items``: they change no model, so this module is not part of the build's cache
+key (see ``search.demo.spec``); ``test_committed_task_files_are_what_the_generators_write`` keeps the
+committed files in step with it instead.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from evaluators.tasks import DEFAULT_INCLUDE_PATH
+from merge_core.errors import EvomergeError
+from search.demo.items import MC_SKILL, SKILLS, TASK_SEED, Item, eval_items, held_out_prompts, mc_choices, mc_items
+from search.demo.scoring import MAX_ANSWER_TOKENS
+from search.demo.spec import DEFAULT_SPEC
+
+TASKS_DIR = DEFAULT_INCLUDE_PATH
+
+
+def task_name(skill: str) -> str:
+    return f"zoo_{skill}"
+
+
+MC_TASK = task_name(f"{MC_SKILL}_mc")
+HELD_OUT_TEXT = "data/heldout.txt"
+
+
+def score_tasks(skills) -> dict[str, str]:
+    """Score column (a skill, or the multiple-choice one) -> the lm-eval task that measures it."""
+    return {skill: task_name(skill) for skill in skills} | {f"{MC_SKILL}_mc": MC_TASK}
+
+
+def _generation_yaml(skill: str) -> str:
+    return f"""# Written by `evomerge zoo tasks`: exact match of the greedy answer to "{skill}" prompts.
+task: {task_name(skill)}
+tag: [evomerge_zoo]
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    search: data/{skill}_search.jsonl
+    test: data/{skill}_test.jsonl
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{answer}}}}"
+target_delimiter: ""
+generation_kwargs:
+  until: ["\\n"]
+  do_sample: false
+  max_gen_toks: {MAX_ANSWER_TOKENS}
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def _mc_yaml() -> str:
+    return f"""# Written by `evomerge zoo tasks`: pick the "{MC_SKILL}" answer among near misses by log-likelihood.
+task: {MC_TASK}
+tag: [evomerge_zoo]
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    search: data/{MC_SKILL}_mc_search.jsonl
+    test: data/{MC_SKILL}_mc_test.jsonl
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{prompt}}}}"
+doc_to_choice: choices
+doc_to_target: label
+target_delimiter: ""
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def _mc_row(item: Item, rng: random.Random) -> dict:
+    choices = mc_choices(item)
+    order = rng.sample(range(len(choices)), len(choices))
+    return {"prompt": item.prompt, "choices": [choices[i] for i in order], "label": order.index(0)}
+
+
+def _held_out_text(lines: int = 200) -> str:
+    """Pretraining-like text (the default mix of correct and sloppy answers) on unseen prompts."""
+    rng = random.Random(TASK_SEED + 1000)
+    trained_prompts = held_out_prompts()
+    rows = []
+    while len(rows) < lines:
+        item = SKILLS[rng.choice(sorted(SKILLS))](rng)
+        if item.prompt not in trained_prompts:
+            rows.append(item.prompt + (item.answer if rng.random() < DEFAULT_SPEC.correct_share else item.sloppy))
+    return "\n".join(rows) + "\n"
+
+
+def write_tasks(tasks_dir: Path = TASKS_DIR) -> list[Path]:
+    """(Re)write the lm-eval task YAMLs and their JSONL splits; deterministic, so the committed files
+    are reproduced byte for byte."""
+    tasks_dir = Path(tasks_dir)
+    if tasks_dir.exists() and not tasks_dir.is_dir():
+        raise EvomergeError(f"{tasks_dir} is not a directory")
+    (tasks_dir / "data").mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def write(relative: str, text: str) -> None:
+        path = tasks_dir / relative
+        path.write_text(text)
+        written.append(path)
+
+    def jsonl(rows: list[dict]) -> str:
+        return "".join(json.dumps(row) + "\n" for row in rows)
+
+    for skill in SKILLS:
+        write(f"{task_name(skill)}.yaml", _generation_yaml(skill))
+        for split in ("search", "test"):
+            write(f"data/{skill}_{split}.jsonl",
+                  jsonl([{"prompt": i.prompt, "answer": i.answer} for i in eval_items(skill, split)]))
+    rng = random.Random(TASK_SEED + 200)
+    write(f"{MC_TASK}.yaml", _mc_yaml())
+    for split in ("search", "test"):
+        write(f"data/{MC_SKILL}_mc_{split}.jsonl", jsonl([_mc_row(i, rng) for i in mc_items(split)]))
+    write(HELD_OUT_TEXT, _held_out_text())
+    return written
+
+
+def task_yamls(tasks_dir: Path = TASKS_DIR) -> dict[str, Path]:
+    """Task name -> YAML path: one generation task per skill and the multiple-choice task."""
+    names = [task_name(skill) for skill in SKILLS] + [MC_TASK]
+    return {name: Path(tasks_dir) / f"{name}.yaml" for name in names}
