@@ -12,7 +12,7 @@ documents it scored and when it ended. Per setting (median [min–max] over seed
 
 The reference optimum of a family is the best value any run of any setting found (the space's optimum is
 unknown; exact match caps it at 1). Families: ``demo`` (the 2-layer Llama family `evomerge demo` uses) and
-``deep`` (a family the search was not tuned on: Qwen2, 8 layers, 96 wide, same skills, built with the same
+``deep`` (a family the search was not tuned on: Gemma, 8 layers, 96 wide, same skills, built with the same
 trainer). Prints a Markdown table and writes it, the raw runs (JSON) and a plot of best-so-far against
 item-evaluations (median over seeds per setting; the sources and the hand-written recipe as lines) under
 ``--out``.
@@ -51,7 +51,7 @@ CLOSE = 0.01
 def family(name: str):
     if name == "demo":
         return ensure_zoo()
-    spec = replace(default_spec(), architecture="qwen2", num_layers=8, hidden_size=96, intermediate_size=192)
+    spec = replace(default_spec(), architecture="gemma", num_layers=8, hidden_size=96, intermediate_size=192)
     return build_zoo(REPO / "results" / "zoo-deep", spec, log=lambda message: print(f"  zoo-deep: {message}"))
 
 

@@ -45,6 +45,7 @@ class ZooSpec:
 
     seed: int = 0
     skills: tuple[str, ...] = ("rev", "cap", "nxt")
+    architecture: str = "llama"  # llama, or gemma: a family of another architecture
     hidden_size: int = 128
     intermediate_size: int = 256
     num_layers: int = 2

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
+from merge_core.errors import EvomergeError
 from search.demo.items import SKILLS, Item, held_out_prompts
 from search.demo.scoring import encode_rows, family_figures, greedy_answers, score_skills
 from search.demo.spec import ZooSpec
@@ -58,16 +59,27 @@ def train_tokenizer():
                                    pad_token="<pad>")
 
 
-def _new_base(spec: ZooSpec, tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
+# Architectures a family can have. Gemma differs from Llama in its norms (1 + weight), scaled embeddings and
+# GELU MLPs, and its registered tokenizer class leaves the family's own in charge (transformers 5 loads
+# Qwen2's and Phi-3's model-type tokenizer whatever tokenizer_config.json says, which drops the spaces).
+ARCHITECTURES = ("llama", "gemma")
 
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=spec.hidden_size,
-                         intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_layers,
-                         num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_heads,
-                         max_position_embeddings=64, tie_word_embeddings=True,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    return LlamaForCausalLM(config)
+
+def _new_base(spec: ZooSpec, tokenizer):
+    from transformers import GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if spec.architecture not in ARCHITECTURES:
+        raise EvomergeError(f"zoo architecture {spec.architecture!r}: use one of {', '.join(ARCHITECTURES)}")
+    shared = dict(vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+                  num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
+                  num_key_value_heads=spec.num_heads, max_position_embeddings=64, tie_word_embeddings=True,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id)
+    if spec.architecture == "gemma":
+        config, model_class = GemmaConfig(head_dim=spec.hidden_size // spec.num_heads, **shared), GemmaForCausalLM
+    else:
+        config, model_class = LlamaConfig(**shared), LlamaForCausalLM
+    return model_class(config)
 
 
 def _lm_loss(model, batch):
