@@ -36,10 +36,32 @@ class GateEvaluator:
         self.calls += 1
         if self.calls == self.hold_at:
             self._hold()
+        return self._scores(self._closeness(model), 1)
+
+    DOCUMENTS = 30
+
+    def document_counts(self) -> dict[str, int]:
+        return {"closeness": self.DOCUMENTS}
+
+    def score_rungs(self, model, tokenizer, rungs):
+        """Multi-fidelity: the same closeness at every rung, as if scored on that many documents. A worker held
+        at this call waits after the first rung, in the middle of the candidate."""
+        self.calls += 1
+        value = self._closeness(model)
+        for rung, size in enumerate(rungs):
+            if rung == 1 and self.calls == self.hold_at:
+                self._hold()
+            yield self._scores(value, self.DOCUMENTS if size is None else size)
+
+    def _closeness(self, model) -> float:
         time.sleep(PAUSE_SECONDS)
         state = model.state_dict()
-        value = math.exp(-sum(((state[n] - t) ** 2).sum().item() for n, t in self.target.items()) / self.scale)
-        return Scores({"closeness": TaskScore({"score": value}, {"score": True}, {"score": [value]}, 1)}, 0.0)
+        return math.exp(-sum(((state[n] - t) ** 2).sum().item() for n, t in self.target.items()) / self.scale)
+
+    @staticmethod
+    def _scores(value: float, documents: int) -> Scores:
+        return Scores({"closeness": TaskScore({"score": value}, {"score": True}, {"score": [value] * documents},
+                                              documents)}, 0.0)
 
     def _hold(self) -> None:
         pid = os.getpid()

@@ -213,3 +213,32 @@ def test_a_trial_whose_heartbeat_stopped_on_another_host_is_retried_before_the_s
     study = search(config, evaluator=GateEvaluator(fam["base"], [fam["ft1"], fam["ft2"]], tmp_path), progress=False)
     assert [t.number for t in assert_exact(storage, 3, lost=1)] == [0]
     assert study.trials[0].user_attrs["worker"] == "elsewhere:1"
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_with_pruning_a_worker_killed_mid_rungs_is_retried_and_pruned_trials_fill_the_budget_exactly(
+        fam, tmp_path, backend):
+    if backend == "postgresql" and find_bin() is None and os.environ.get("CI") != "true":
+        pytest.skip("PostgreSQL is not installed")
+    with (postgres_server() if backend == "postgresql" else _sqlite(tmp_path)) as storage:
+        config = tmp_path / "search.yaml"
+        data = config_data(fam, tmp_path, storage, n_trials=10)
+        config.write_text(yaml.safe_dump({**data, "fidelity": {"rungs": [5, 15, "all"]}}))
+        doomed = Worker(config, tmp_path / "gate", hold_at=BASELINES + 1)  # 1st trial (alone: promoted), rung 1
+        doomed.wait_held()
+        survivor = Worker(config, tmp_path / "gate")
+        survivor.wait_until(lambda: any(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+                                        and t.user_attrs["worker"].endswith(f":{survivor.pid}")
+                                        for t in trials(storage)), "its first trial")
+        doomed.kill()
+        assert survivor.finish() == 0, survivor.output()
+        final = trials(storage)
+        ended = [t for t in final if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+        [killed] = [t for t in final if t.state == TrialState.FAIL]
+        assert len(ended) == 10 and not [t for t in final if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+        assert len({tuple(sorted(t.params.items())) for t in ended}) == 10, "a parameter set ran twice"
+        assert [t.params for t in ended if t.system_attrs.get("failed_trial") == killed.number] == [killed.params]
+        assert killed.intermediate_values  # it died between rungs
+        pruned = [t for t in ended if t.state == TrialState.PRUNED]
+        assert pruned and all(t.user_attrs["items"] in (5, 15) for t in pruned)
+        assert all(t.user_attrs["items"] == 30 for t in ended if t.state == TrialState.COMPLETE)
