@@ -11,7 +11,8 @@ from mergekit.sparsify import SparsificationMethod, sparsify
 from merge_core import methods, native
 from merge_core.errors import EvomergeError
 from merge_core.methods import METHODS, TensorContext, check_inputs, chunking, get_method, interpolation, selection
-from merge_core.methods.task_arithmetic import combine, task_arithmetic
+from merge_core.methods.sparsify import Sparsification
+from merge_core.methods.task_arithmetic import Consensus, combine, task_arithmetic
 
 SHAPES = [(64, 48), (96,), (300, 16)]  # weight, bias/norm, embedding-like (tall, narrow)
 
@@ -131,9 +132,9 @@ def test_count_consensus_matches_mergekit():
     theirs, = method([TensorGroup.from_tensors(tensors, base_index=0)],
                      parameters={"weight": [0.5, 0.3, 0.2], "density": [0.4, 0.5, 0.6]})
     ours = task_arithmetic(tensors, 0, [{}, *({"weight": w, "density": d} for w, d in
-                                              [(0.5, 0.4), (0.3, 0.5), (0.2, 0.6)])],
+                                      [(0.5, 0.4), (0.3, 0.5), (0.2, 0.6)])],
                            {"normalize": True, "rescale": False, "lambda": 1.0}, TensorContext("t"),
-                           sparsification="magnitude", consensus="count")
+                           sparsification=Sparsification.MAGNITUDE, consensus=Consensus.COUNT)
     assert torch.equal(ours, theirs)
 
 
@@ -390,7 +391,7 @@ def test_sign_bit_election_equals_mergekit_formula(dtype, rows):
     deltas[:, 1500:2000] *= torch.randint(0, 2, (rows, 500), generator=g).to(dtype)
     majority = torch.where(deltas.sum(0) >= 0, 1, -1).to(dtype)  # mergekit's get_mask(method="sum")
     expected = (deltas * (deltas.sign() == majority)).sum(0)
-    ours = combine(deltas.clone(), torch.ones(rows, 1, dtype=dtype), "sum", {"normalize": False, "lambda": 1})
+    ours = combine(deltas.clone(), torch.ones(rows, 1, dtype=dtype), Consensus.SUM, {"normalize": False, "lambda": 1})
     assert torch.equal(ours.view(selection.KEY_DTYPES[ours.element_size()]),
                        expected.view(selection.KEY_DTYPES[ours.element_size()]))
 

@@ -9,6 +9,7 @@ passes. Only random (or rescaled) masks are stored; task vectors never are.
 
 from __future__ import annotations
 
+from enum import Enum
 from functools import partial
 from typing import Callable
 
@@ -21,6 +22,35 @@ from merge_core.errors import EvomergeError
 from merge_core.methods import chunking
 from merge_core.methods.registry import float_dtype
 from merge_core.methods.selection import KEY_DTYPES, key_counts, key_finder, magnitude_keys, top_k_selector
+
+
+class Sparsification(Enum):
+    """Which entries of a task vector are kept before the sum (mergekit's ``SparsificationMethod``)."""
+
+    MAGNITUDE = "magnitude"  # TIES: the largest magnitudes
+    RANDOM = "random"  # DARE: independent draws
+    MAGNITUDE_OUTLIERS = "magnitude_outliers"  # breadcrumbs: the largest, less the very largest (gamma)
+    DELLA_MAGPRUNE = "della_magprune"  # DELLA: draws likelier for larger magnitudes
+
+    @property
+    def by_magnitude(self) -> bool:
+        """Kept by a magnitude threshold: deterministic, found by ``selection`` from histograms and (in a
+        search) task vectors that can be cached across densities."""
+        return self in (Sparsification.MAGNITUDE, Sparsification.MAGNITUDE_OUTLIERS)
+
+    @property
+    def stochastic(self) -> bool:
+        """Drawn from the tensor's generator, so the merge depends on the seed."""
+        return self in (Sparsification.RANDOM, Sparsification.DELLA_MAGPRUNE)
+
+    @property
+    def model_params(self) -> dict[str, float]:
+        """The per-model parameters it reads beyond ``weight`` and ``density``, with mergekit's defaults."""
+        if self is Sparsification.MAGNITUDE_OUTLIERS:
+            return {"gamma": 0.01}
+        if self is Sparsification.DELLA_MAGPRUNE:
+            return {"epsilon": 0.15}
+        return {}
 
 
 def _bernoulli_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -86,7 +116,8 @@ def apply_mask(row: Tensor, mask: Tensor, source: Tensor | None = None) -> None:
         torch.bitwise_and(source.view(mask.dtype), mask, out=row.view(mask.dtype))
 
 
-def sparsify_plan(tensors, base, i, p, params, ctx, kind, chunks, task_vector: Tensor | None = None):
+def sparsify_plan(tensors, base, i, p, params, ctx, kind: Sparsification | None, chunks,
+                  task_vector: Tensor | None = None):
     """How model i's task vector is sparsified: ``keep(j, delta)``, called for chunks in any order, gives
     chunk j's mask (0/1 floats, or all-ones/zero integer bits; or is None), and the rescale factor (or None; a
     float when it may be folded into the weight).
@@ -109,7 +140,7 @@ def sparsify_plan(tensors, base, i, p, params, ctx, kind, chunks, task_vector: T
     def deltas():
         return (chunk_delta(c) for c in chunks)
 
-    if kind.startswith("magnitude"):
+    if kind.by_magnitude:
         work = dtype
 
         def key_chunk(j):
@@ -130,7 +161,7 @@ def sparsify_plan(tensors, base, i, p, params, ctx, kind, chunks, task_vector: T
                          key_chunk=key_chunk, chunks=chunks, dtype=dtype)
         if ctx.tie_break == "mergekit":
             keep = _sorted_order_keep(torch.cat(list(deltas())), kind, density, p.get("gamma", 0.0), chunks)
-        elif kind == "magnitude":
+        elif kind is Sparsification.MAGNITUDE:
             keep = select(max(1, int(density * n)))
         else:
             kept = int(density * n)
@@ -143,9 +174,9 @@ def sparsify_plan(tensors, base, i, p, params, ctx, kind, chunks, task_vector: T
         if not params["rescale"]:
             return keep, None
         masks = (keep(j, d) for j, d in enumerate(deltas()))
-    elif kind == "random":
+    elif kind is Sparsification.RANDOM:
         return _random_plan(density, params["rescale"], ctx.generator, dtype)
-    else:
+    else:  # DELLA
         work = _bernoulli_dtype(dtype)
         shape = tensors[base].shape
         rows = (1, n) if len(shape) < 2 else shape
@@ -170,7 +201,7 @@ def sparsify_plan(tensors, base, i, p, params, ctx, kind, chunks, task_vector: T
     return (lambda j, delta: stored[j]), (None if before < 1e-7 or after < 1e-7 else before / after)
 
 
-def _sorted_order_keep(delta: Tensor, kind: str, density: float, gamma: float,
+def _sorted_order_keep(delta: Tensor, kind: Sparsification, density: float, gamma: float,
                        chunks: list[slice]) -> Callable[[int, Tensor], Tensor]:
     """``keep(j, delta)`` for ``tie_break="mergekit"``: the masks of the entries mergekit 0.1.5 keeps on
     CPU, which are positions in the CPU sort of the float32 magnitudes: the first k of the descending sort
@@ -178,7 +209,7 @@ def _sorted_order_keep(delta: Tensor, kind: str, density: float, gamma: float,
     (magnitude_outliers). Ties fall where that sort puts them, so the sort must be the same call."""
     n = delta.numel()
     magnitudes = delta.detach().reshape(-1).abs().to("cpu", torch.float32)
-    if kind == "magnitude":
+    if kind is Sparsification.MAGNITUDE:
         kept = torch.argsort(magnitudes, descending=True)[:max(1, int(density * n))]
     else:
         target = int(density * n)
@@ -191,14 +222,14 @@ def _sorted_order_keep(delta: Tensor, kind: str, density: float, gamma: float,
     return lambda j, _delta: mask[chunks[j]]
 
 
-def check_densities(kind: str | None, model_params, params) -> None:
+def check_densities(kind: Sparsification | None, model_params, params) -> None:
     for p in model_params:
         if "density" not in p:
             continue
         density = p["density"]
         if not 0 < density <= 1:
             raise EvomergeError(f"density must be in (0, 1], got {density}")
-        if kind == "della_magprune" and density < 1:
+        if kind is Sparsification.DELLA_MAGPRUNE and density < 1:
             epsilon = p["epsilon"]
             if not (0 < density - epsilon and density + epsilon < 1):
                 raise EvomergeError(f"della needs density ± epsilon inside (0, 1), got density {density}, "

@@ -9,6 +9,8 @@ allocates several full-size copies per model). Each model's task vector is spars
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from enum import Enum
 from functools import partial
 
 import torch
@@ -18,7 +20,15 @@ from merge_core import native
 from merge_core.methods import chunking
 from merge_core.methods.registry import REQUIRED, TensorContext, cached, flat_output, non_base, register
 from merge_core.methods.selection import KEY_DTYPES, magnitude_keep
-from merge_core.methods.sparsify import apply_mask, check_densities, random_keep, sparsify_plan
+from merge_core.methods.sparsify import Sparsification, apply_mask, check_densities, random_keep, sparsify_plan
+
+
+class Consensus(Enum):
+    """TIES sign election before the sum (mergekit's ``ConsensusMethod``): entries whose sign is not the
+    majority's are dropped."""
+
+    SUM = "sum"  # the sign of the weighted sum: votes weighed by magnitude
+    COUNT = "count"  # the sign most models' deltas have
 
 
 def _row_sum(rows: Tensor) -> Tensor:
@@ -66,14 +76,14 @@ def _all_positive(weights: Tensor) -> bool:
     return bool(weights.min() >= torch.finfo(weights.dtype).tiny)
 
 
-def combine(deltas: Tensor, weights: Tensor, consensus: str | None, params) -> Tensor:
+def combine(deltas: Tensor, weights: Tensor, consensus: Consensus | None, params) -> Tensor:
     """Merge weighted task-vector rows (consumes ``deltas``): TIES sign election (``sum`` weighs by
     magnitude, ``count`` by votes) keeps only agreeing entries; ``normalize`` divides by the weights that
     were kept (an entry is kept when it agrees and is not zero, as mergekit's ``sign == majority``)."""
     if consensus is None:
         mixed = _row_sum(deltas)
         divisor = _weight_sum(weights)
-    elif consensus == "sum":
+    elif consensus is Consensus.SUM:
         kept_weights = _elect_by_sign_bits(deltas, weights if params["normalize"] else None)
         mixed = _row_sum(deltas)
         if params["normalize"]:
@@ -82,7 +92,7 @@ def combine(deltas: Tensor, weights: Tensor, consensus: str | None, params) -> T
                 divisor.clamp_(min=torch.finfo(divisor.dtype).tiny)
             else:
                 divisor[divisor == 0] = 1
-    else:
+    else:  # Consensus.COUNT
         sign = deltas.sign()
         majority = _row_sum(sign).sign_().add_(0.5).sign_()  # +1 where votes >= 0, else -1
         agrees = sign.mul_(majority).clamp_(min=0)  # 1 where the delta has the majority sign, else 0
@@ -97,8 +107,8 @@ def combine(deltas: Tensor, weights: Tensor, consensus: str | None, params) -> T
     return mixed
 
 
-def task_arithmetic(tensors, base, model_params, params, ctx, *, sparsification: str | None,
-                    consensus: str | None):
+def task_arithmetic(tensors, base, model_params, params, ctx, *, sparsification: Sparsification | None,
+                    consensus: Consensus | None):
     """base + λ·Σ wᵢ·sparsify(modelᵢ − base) [/ Σ wᵢ], with optional TIES sign consensus.
 
     One function for task_arithmetic, ties, dare_*, breadcrumbs*, della*: they differ only in
@@ -159,7 +169,7 @@ def _compiled_chunk_merger(flat, base, others, stored, chunks, weights, plans, p
     """``merge_chunk`` as one call of the compiled kernel (same bytes), when it covers the case: bf16 or
     float32 on CPU, sum or no consensus, bit masks or random draws (not DELLA's float masks)."""
     origin = flat[base]
-    if (consensus not in (None, "sum") or sparsification == "della_magprune"
+    if (consensus is Consensus.COUNT or sparsification is Sparsification.DELLA_MAGPRUNE
             or not native.supports(origin.dtype, origin.device, len(others))
             or any(torch.is_tensor(scale) and scale.dtype != origin.dtype for _, scale in plans)):
         return None
@@ -171,7 +181,7 @@ def _compiled_chunk_merger(flat, base, others, stored, chunks, weights, plans, p
     kernel = native.task_arithmetic(
         origin.dtype, scales=[float(scale) if torch.is_tensor(scale) else None for _, scale in plans],
         factors=[w * scale if isinstance(scale, float) else w for w, (_, scale) in zip(weight_values, plans)],
-        weights=weight_values, elect=consensus == "sum", normalize=params["normalize"],
+        weights=weight_values, elect=consensus is Consensus.SUM, normalize=params["normalize"],
         clamp_tiny=_all_positive(weights), divisor=float(_weight_sum(weights)), lam=params["lambda"])
     masked_deltas = stored is None and any(by_mask)
 
@@ -202,34 +212,54 @@ def _chunk_deltas(flat: list[Tensor], start: Tensor, others: list[int], c: slice
 
 
 def _stored_deltas(flat: list[Tensor], base: int, others: list[int], ctx: TensorContext,
-                   sparsification: str | None) -> Tensor | None:
+                   sparsification: Sparsification | None) -> Tensor | None:
     """The task vectors as rows, kept in a search's cache when it may precompute them (deterministic
     sparsification only: random masks are drawn chunk by chunk)."""
-    if not (ctx.precompute and ctx.cache is not None and sparsification in (None, "magnitude", "magnitude_outliers")):
+    if not (ctx.precompute and ctx.cache is not None and (sparsification is None or sparsification.by_magnitude)):
         return None
     return cached(ctx, ("deltas",), lambda: torch.stack([flat[i] - flat[base] for i in others]))
 
 
-_TASK_ARITHMETIC_VARIANTS = {
-    # name: (sparsification, consensus, default normalize, default rescale)
-    "task_arithmetic": (None, None, False, False),
-    "ties": ("magnitude", "sum", True, False),
-    "dare_ties": ("random", "sum", False, True),
-    "dare_linear": ("random", None, False, True),
-    "breadcrumbs": ("magnitude_outliers", None, False, False),
-    "breadcrumbs_ties": ("magnitude_outliers", "sum", False, False),
-    "della": ("della_magprune", "sum", True, True),
-    "della_linear": ("della_magprune", None, False, True),
+@dataclass(frozen=True)
+class Variant:
+    """One registered member of the family: how it sparsifies, whether it elects signs, and the defaults
+    mergekit gives its ``normalize`` and ``rescale``. Registered as the method itself (it is called as one)
+    with its ``check``."""
+
+    sparsification: Sparsification | None
+    consensus: Consensus | None
+    normalize: bool
+    rescale: bool
+
+    @property
+    def stochastic(self) -> bool:
+        return self.sparsification is not None and self.sparsification.stochastic
+
+    @property
+    def model_params(self) -> dict:
+        extra = {} if self.sparsification is None else self.sparsification.model_params
+        return {"weight": REQUIRED, "density": 1.0, **extra}
+
+    def __call__(self, tensors, base, model_params, params, ctx):
+        return task_arithmetic(tensors, base, model_params, params, ctx, sparsification=self.sparsification,
+                               consensus=self.consensus)
+
+    def check(self, model_params, params) -> None:
+        check_densities(self.sparsification, model_params, params)
+
+
+VARIANTS = {
+    "task_arithmetic": Variant(None, None, normalize=False, rescale=False),
+    "ties": Variant(Sparsification.MAGNITUDE, Consensus.SUM, normalize=True, rescale=False),
+    "dare_ties": Variant(Sparsification.RANDOM, Consensus.SUM, normalize=False, rescale=True),
+    "dare_linear": Variant(Sparsification.RANDOM, None, normalize=False, rescale=True),
+    "breadcrumbs": Variant(Sparsification.MAGNITUDE_OUTLIERS, None, normalize=False, rescale=False),
+    "breadcrumbs_ties": Variant(Sparsification.MAGNITUDE_OUTLIERS, Consensus.SUM, normalize=False, rescale=False),
+    "della": Variant(Sparsification.DELLA_MAGPRUNE, Consensus.SUM, normalize=True, rescale=True),
+    "della_linear": Variant(Sparsification.DELLA_MAGPRUNE, None, normalize=False, rescale=True),
 }
 
-for _name, (_sparsification, _consensus, _normalize, _rescale) in _TASK_ARITHMETIC_VARIANTS.items():
-    register(
-        _name,
-        model_params={"weight": REQUIRED, "density": 1.0,
-                      **({"gamma": 0.01} if _sparsification == "magnitude_outliers" else {}),
-                      **({"epsilon": 0.15} if _sparsification == "della_magprune" else {})},
-        params={"int8_mask": False, "normalize": _normalize, "rescale": _rescale, "lambda": 1.0},
-        requires_base=True,
-        stochastic=_sparsification in ("random", "della_magprune"),
-        check=partial(check_densities, _sparsification),
-    )(partial(task_arithmetic, sparsification=_sparsification, consensus=_consensus))
+for _name, _variant in VARIANTS.items():
+    register(_name, model_params=_variant.model_params,
+             params={"int8_mask": False, "normalize": _variant.normalize, "rescale": _variant.rescale, "lambda": 1.0},
+             requires_base=True, stochastic=_variant.stochastic, check=_variant.check)(_variant)
