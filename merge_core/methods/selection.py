@@ -5,6 +5,7 @@ them (TIES and breadcrumbs sparsification)."""
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Iterable
 
@@ -15,6 +16,10 @@ from merge_core.methods import chunking
 from merge_core.methods.registry import TensorContext, cached
 
 KEY_DTYPES = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+Mask = Callable[[int, Tensor], Tensor]
+"""``keep(j, delta)``: chunk j's mask of a task vector, for any chunk in any order (``delta`` is that chunk of
+it): 0/1 floats, or all-ones/zero integer bits of the delta's size."""
 
 
 def magnitude_keys(delta: Tensor) -> Tensor:
@@ -128,7 +133,7 @@ def _index_after_tie(left: int, equal: int, key: int, key_chunk: Callable[[int],
 
 def top_k_selector(k: int, n: int, find_key: Callable[[int], tuple[int, int, int]],
                    key_chunk: Callable[[int], Tensor], chunks: list[slice],
-                   dtype: torch.dtype) -> Callable[[int, Tensor], Tensor]:
+                   dtype: torch.dtype) -> Mask:
     """``keep(j, delta)``: chunk j's mask of the k largest magnitudes, as integer bits (all ones: keep),
     for any chunk in any order; ``find_key(k)`` is ``_kth_largest_key``'s answer. Ties at the threshold
     go to the lowest indices (mergekit's argsort breaks them in an unspecified order, so 16-bit inputs
@@ -137,18 +142,39 @@ def top_k_selector(k: int, n: int, find_key: Callable[[int], tuple[int, int, int
     than float comparisons on CPU."""
     key_dtype = KEY_DTYPES[torch.empty(0, dtype=dtype).element_size()]
     if k <= 0 or k >= n:
-        return lambda j, delta: torch.full(delta.shape, -int(k > 0), dtype=key_dtype)
+        return ConstantMask(k > 0, key_dtype)
     key, left, equal = find_key(k)
     cut = n if left == equal else _index_after_tie(left, equal, key, key_chunk, chunks)
     with_ties, above = (torch.tensor(value, dtype=key_dtype) for value in (key - 1, key))
-    return partial(magnitude_keep, key=key, ties_cut=cut, chunks=chunks, with_ties=with_ties, above=above)
+    return ThresholdMask(key, cut, chunks, with_ties, above)
 
 
-def magnitude_keep(j: int, delta: Tensor, *, key: int, ties_cut: int, chunks: list[slice], with_ties: Tensor,
-                   above: Tensor) -> Tensor:
-    """Chunk j's mask of the magnitude keys above ``key``, or equal to it before flat index ``ties_cut``."""
-    keys = magnitude_keys(delta)
-    ties_end = min(max(ties_cut - chunks[j].start, 0), len(keys))  # ties before it are kept
-    torch.sub(with_ties, keys[:ties_end], out=keys[:ties_end])  # negative where keys >= key
-    torch.sub(above, keys[ties_end:], out=keys[ties_end:])  # negative where keys > key
-    return keys.bitwise_right_shift_(8 * keys.element_size() - 1)
+@dataclass(frozen=True, eq=False)
+class ThresholdMask:
+    """Chunk j's mask of the magnitude keys above ``key``, or equal to it before flat index ``ties_cut``.
+
+    Its fields are the threshold the compiled kernel applies itself, so it needs no mask in memory."""
+
+    key: int
+    ties_cut: int
+    chunks: list[slice]
+    with_ties: Tensor  # key - 1 and key, as 0-d tensors of the key dtype
+    above: Tensor
+
+    def __call__(self, j: int, delta: Tensor) -> Tensor:
+        keys = magnitude_keys(delta)
+        ties_end = min(max(self.ties_cut - self.chunks[j].start, 0), len(keys))  # ties before it are kept
+        torch.sub(self.with_ties, keys[:ties_end], out=keys[:ties_end])  # negative where keys >= key
+        torch.sub(self.above, keys[ties_end:], out=keys[ties_end:])  # negative where keys > key
+        return keys.bitwise_right_shift_(8 * keys.element_size() - 1)
+
+
+@dataclass(frozen=True)
+class ConstantMask:
+    """Every entry kept (``keep``) or none: the top k when k is 0 or the whole tensor."""
+
+    keep: bool
+    dtype: torch.dtype  # the integer type of the delta's size
+
+    def __call__(self, j: int, delta: Tensor) -> Tensor:
+        return torch.full(delta.shape, -int(self.keep), dtype=self.dtype)

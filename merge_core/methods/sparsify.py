@@ -9,9 +9,9 @@ passes. Only random (or rescaled) masks are stored; task vectors never are.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
 from functools import partial
-from typing import Callable
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from merge_core import native
 from merge_core.errors import EvomergeError
 from merge_core.methods import chunking
 from merge_core.methods.registry import float_dtype
-from merge_core.methods.selection import KEY_DTYPES, key_counts, key_finder, magnitude_keys, top_k_selector
+from merge_core.methods.selection import KEY_DTYPES, Mask, key_counts, key_finder, magnitude_keys, top_k_selector
 
 
 class Sparsification(Enum):
@@ -75,7 +75,54 @@ def _keep_bits(cut: int, n: int, seed: int, dtype: torch.dtype) -> Tensor:
     return words.view(KEY_DTYPES[size])[:n].bitwise_right_shift_(1).sub_(cut).bitwise_right_shift_(8 * size - 1)
 
 
-def _random_plan(density: float, rescale: bool, generator: torch.Generator | None, dtype: torch.dtype):
+@dataclass(frozen=True, eq=False)
+class SparsifyPlan:
+    """How one model's task vector is sparsified: ``keep`` gives each chunk's mask (None: all kept) and
+    ``scale`` is the rescale factor (None: none; a float when it may be folded into the model's weight, else
+    a 0-d tensor, multiplied as mergekit rounds)."""
+
+    keep: Mask | None = None
+    scale: Tensor | float | None = None
+
+
+@dataclass(frozen=True)
+class RandomMask:
+    """DARE's mask of chunk j, drawn when the chunk is merged from its own stream, seeded ``seed + j``: all
+    ones (keep) where the word is below ``cut`` (see ``_keep_bits``). Its fields are what the compiled
+    kernel draws from itself."""
+
+    cut: int
+    seed: int
+    dtype: torch.dtype
+
+    def __call__(self, j: int, delta: Tensor) -> Tensor:
+        return _keep_bits(self.cut, delta.numel(), self.seed + j, self.dtype)
+
+
+@dataclass(frozen=True, eq=False)
+class StoredMasks:
+    """Masks made before the merge, one per chunk: DELLA's draws, rescaled magnitude masks (their l1 norms
+    needed a pass first) and mergekit's sort order."""
+
+    masks: list[Tensor]
+
+    def __call__(self, j: int, delta: Tensor) -> Tensor:
+        return self.masks[j]
+
+
+@dataclass(frozen=True)
+class BandMask:
+    """breadcrumbs: the entries ``outer`` keeps (the top n - dropped_small) less those ``inner`` keeps (the
+    top n - dropped_small - kept, the very largest)."""
+
+    outer: Mask
+    inner: Mask
+
+    def __call__(self, j: int, delta: Tensor) -> Tensor:
+        return self.outer(j, delta).bitwise_and_(self.inner(j, delta).bitwise_not_())
+
+
+def _random_plan(density: float, rescale: bool, generator: torch.Generator | None, dtype: torch.dtype) -> SparsifyPlan:
     """DARE: each chunk's mask drawn when the chunk is merged, from its own generator seeded from the
     tensor's (one seed per model, drawn model after model), so chunks can be merged in any order and on
     any thread with the same bytes, and no mask is stored. Rescaling divides by the keep probability,
@@ -86,11 +133,7 @@ def _random_plan(density: float, rescale: bool, generator: torch.Generator | Non
     kept = min(max(round(density * levels), 1), levels - 1)
     seed = int(torch.randint(2**62, (), generator=generator))
     cut = kept - levels // 2  # keep when (word >> 1) < cut; no step can overflow
-    return partial(random_keep, cut=cut, seed=seed, dtype=dtype), (levels / kept if rescale else None)
-
-
-def random_keep(j: int, delta: Tensor, *, cut: int, seed: int, dtype: torch.dtype) -> Tensor:
-    return _keep_bits(cut, delta.numel(), seed + j, dtype)
+    return SparsifyPlan(RandomMask(cut, seed, dtype), levels / kept if rescale else None)
 
 
 def _della_keep(delta: Tensor, density: float, epsilon: float, work: torch.dtype,
@@ -117,10 +160,10 @@ def apply_mask(row: Tensor, mask: Tensor, source: Tensor | None = None) -> None:
 
 
 def sparsify_plan(tensors, base, i, p, params, ctx, kind: Sparsification | None, chunks,
-                  task_vector: Tensor | None = None):
-    """How model i's task vector is sparsified: ``keep(j, delta)``, called for chunks in any order, gives
-    chunk j's mask (0/1 floats, or all-ones/zero integer bits; or is None), and the rescale factor (or None; a
-    float when it may be folded into the weight).
+                  task_vector: Tensor | None = None) -> SparsifyPlan:
+    """How model i's task vector is sparsified: the plan's ``keep(j, delta)``, called for chunks in any order,
+    gives chunk j's mask (0/1 floats, or all-ones/zero integer bits; or is None), and its ``scale`` the rescale
+    factor (or None; a float when it may be folded into the weight).
 
     Magnitude and random masks are computed on the fly; DELLA's, and rescaled magnitude ones, are made
     first in one pass per model (model after model, so DELLA's draws come in mergekit's order) that also
@@ -130,7 +173,7 @@ def sparsify_plan(tensors, base, i, p, params, ctx, kind: Sparsification | None,
     """
     density = p["density"]
     if kind is None or density >= 1:
-        return None, None
+        return SparsifyPlan()
     origin, model = tensors[base].reshape(-1), tensors[i].reshape(-1)
     n, dtype = origin.numel(), origin.dtype
 
@@ -166,13 +209,9 @@ def sparsify_plan(tensors, base, i, p, params, ctx, kind: Sparsification | None,
         else:
             kept = int(density * n)
             dropped_small = max(0, n - kept - int(p["gamma"] * n))
-            outer, inner = select(n - dropped_small), select(n - dropped_small - kept)
-
-            def keep(j, delta):  # the top (n - dropped_small) minus the top (n - dropped_small - kept)
-                return outer(j, delta).bitwise_and_(inner(j, delta).bitwise_not_())
-
+            keep = BandMask(select(n - dropped_small), select(n - dropped_small - kept))
         if not params["rescale"]:
-            return keep, None
+            return SparsifyPlan(keep)
         masks = (keep(j, d) for j, d in enumerate(deltas()))
     elif kind is Sparsification.RANDOM:
         return _random_plan(density, params["rescale"], ctx.generator, dtype)
@@ -187,8 +226,7 @@ def sparsify_plan(tensors, base, i, p, params, ctx, kind: Sparsification | None,
                            for r in range(0, rows[0], step)])
         masks = (drawn[c] for c in chunks)
     if not params["rescale"]:
-        stored = list(masks)
-        return (lambda j, delta: stored[j]), None
+        return SparsifyPlan(StoredMasks(list(masks)))
     stored, before, after = [], 0.0, 0.0
     accumulator = float_dtype(torch.empty(0, dtype=work))
     for mask, delta in zip(masks, deltas()):
@@ -198,11 +236,11 @@ def sparsify_plan(tensors, base, i, p, params, ctx, kind: Sparsification | None,
         after += magnitude.sum(dtype=accumulator).item()
         stored.append(mask)
     before, after = torch.tensor(before, dtype=work), torch.tensor(after, dtype=work)
-    return (lambda j, delta: stored[j]), (None if before < 1e-7 or after < 1e-7 else before / after)
+    return SparsifyPlan(StoredMasks(stored), None if before < 1e-7 or after < 1e-7 else before / after)
 
 
 def _sorted_order_keep(delta: Tensor, kind: Sparsification, density: float, gamma: float,
-                       chunks: list[slice]) -> Callable[[int, Tensor], Tensor]:
+                       chunks: list[slice]) -> StoredMasks:
     """``keep(j, delta)`` for ``tie_break="mergekit"``: the masks of the entries mergekit 0.1.5 keeps on
     CPU, which are positions in the CPU sort of the float32 magnitudes: the first k of the descending sort
     (magnitude), or the ``target`` entries after the ``dropped`` smallest of the ascending one
@@ -219,7 +257,7 @@ def _sorted_order_keep(delta: Tensor, kind: Sparsification, density: float, gamm
     mask = torch.zeros(n, dtype=key_dtype)
     mask[kept] = -1
     mask = mask.to(delta.device)
-    return lambda j, _delta: mask[chunks[j]]
+    return StoredMasks([mask[c] for c in chunks])
 
 
 def check_densities(kind: Sparsification | None, model_params, params) -> None:

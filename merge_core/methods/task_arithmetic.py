@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from functools import partial
 
 import torch
 from torch import Tensor
@@ -19,8 +18,8 @@ from torch import Tensor
 from merge_core import native
 from merge_core.methods import chunking
 from merge_core.methods.registry import REQUIRED, TensorContext, cached, flat_output, non_base, register
-from merge_core.methods.selection import KEY_DTYPES, magnitude_keep
-from merge_core.methods.sparsify import Sparsification, apply_mask, check_densities, random_keep, sparsify_plan
+from merge_core.methods.selection import KEY_DTYPES, ThresholdMask
+from merge_core.methods.sparsify import RandomMask, Sparsification, apply_mask, check_densities, sparsify_plan
 
 
 class Consensus(Enum):
@@ -143,12 +142,12 @@ def _task_arithmetic_chunks(tensors, base, model_params, params, ctx, sparsifica
             deltas = task_vectors = _chunk_deltas(flat, start, others, c)
         else:  # masked (or copied) out of the cache into the rows
             deltas, task_vectors = torch.empty((len(others), start.numel()), dtype=start.dtype), stored[:, c]
-        for row, task_vector, weight, (keep, scale) in zip(deltas, task_vectors, weights.tolist(), plans):
-            if keep is not None:
-                apply_mask(row, keep(j, task_vector), task_vector)
+        for row, task_vector, weight, plan in zip(deltas, task_vectors, weights.tolist(), plans):
+            if plan.keep is not None:
+                apply_mask(row, plan.keep(j, task_vector), task_vector)
             else:
                 row.copy_(task_vector)  # free when they are the same memory
-            factor = weight[0]
+            factor, scale = weight[0], plan.scale
             if isinstance(scale, float):  # random masks: no mergekit rounding to follow
                 factor *= scale
             elif scale is not None and scale.dtype == row.dtype:
@@ -171,19 +170,20 @@ def _compiled_chunk_merger(flat, base, others, stored, chunks, weights, plans, p
     origin = flat[base]
     if (consensus is Consensus.COUNT or sparsification is Sparsification.DELLA_MAGPRUNE
             or not native.supports(origin.dtype, origin.device, len(others))
-            or any(torch.is_tensor(scale) and scale.dtype != origin.dtype for _, scale in plans)):
+            or any(torch.is_tensor(plan.scale) and plan.scale.dtype != origin.dtype for plan in plans)):
         return None
-    drawn = [isinstance(keep, partial) and keep.func is random_keep for keep, _ in plans]
-    thresholded = [isinstance(keep, partial) and keep.func is magnitude_keep for keep, _ in plans]
-    by_mask = [keep is not None and not random and not threshold
-               for (keep, _), random, threshold in zip(plans, drawn, thresholded)]
+    keeps = [plan.keep for plan in plans]  # the kernel draws random masks and applies thresholds itself
+    drawn = [keep if isinstance(keep, RandomMask) else None for keep in keeps]
+    thresholded = [keep if isinstance(keep, ThresholdMask) else None for keep in keeps]
+    by_mask = [None if isinstance(keep, (RandomMask, ThresholdMask)) else keep for keep in keeps]
+    scales = [plan.scale for plan in plans]
     weight_values = [w[0] for w in weights.tolist()]
     kernel = native.task_arithmetic(
-        origin.dtype, scales=[float(scale) if torch.is_tensor(scale) else None for _, scale in plans],
-        factors=[w * scale if isinstance(scale, float) else w for w, (_, scale) in zip(weight_values, plans)],
+        origin.dtype, scales=[float(scale) if torch.is_tensor(scale) else None for scale in scales],
+        factors=[w * scale if isinstance(scale, float) else w for w, scale in zip(weight_values, scales)],
         weights=weight_values, elect=consensus is Consensus.SUM, normalize=params["normalize"],
         clamp_tiny=_all_positive(weights), divisor=float(_weight_sum(weights)), lam=params["lambda"])
-    masked_deltas = stored is None and any(by_mask)
+    masked_deltas = stored is None and any(keep is not None for keep in by_mask)
 
     def merge_chunk(j):
         c = chunks[j]
@@ -194,11 +194,9 @@ def _compiled_chunk_merger(flat, base, others, stored, chunks, weights, plans, p
             inputs = list(_chunk_deltas(flat, start, others, c))
         else:
             inputs = [flat[i][c] for i in others]
-        masks = [keep(j, delta) if mask else None for (keep, _), delta, mask in zip(plans, inputs, by_mask)]
-        draws = [(keep.keywords["seed"] + j, keep.keywords["cut"]) if random else None
-                 for (keep, _), random in zip(plans, drawn)]
-        thresholds = [(keep.keywords["key"], keep.keywords["ties_cut"] - c.start) if threshold else None
-                      for (keep, _), threshold in zip(plans, thresholded)]
+        masks = [None if keep is None else keep(j, delta) for keep, delta in zip(by_mask, inputs)]
+        draws = [None if keep is None else (keep.seed + j, keep.cut) for keep in drawn]
+        thresholds = [None if keep is None else (keep.key, keep.ties_cut - c.start) for keep in thresholded]
         kernel(start, inputs, stored is not None or masked_deltas, masks, thresholds, draws, out[c])
 
     return merge_chunk
