@@ -3,9 +3,10 @@ memory per chunk instead of a dozen torch ops, each a pass (figures: benchmarks/
 magnitude histogram TIES's threshold search starts from; and the float32 weighted sums of linear and slerp.
 
 ``native.c`` is built on first use with the system's C compiler for this CPU and cached
-(``$XDG_CACHE_HOME/evomerge``). It rounds where the torch code in ``methods.py`` rounds and draws DARE's
-masks from the same SFC64 stream, so both give the same bytes; the torch code runs when no compiler is
-found, on GPUs, for float16 and for the rarer variants, or with ``EVOMERGE_NATIVE=0``.
+(``$XDG_CACHE_HOME/evomerge``). It rounds where the torch code in ``merge_core/methods/`` rounds
+(``task_arithmetic.py``, ``interpolation.py``) and draws DARE's masks from the same SFC64 stream
+(``sparsify.py``), so both give the same bytes; the torch code runs when no compiler is found, on GPUs, for
+float16 and for the rarer variants, or with ``EVOMERGE_NATIVE=0``.
 """
 
 from __future__ import annotations

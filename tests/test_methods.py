@@ -10,7 +10,9 @@ from mergekit.sparsify import SparsificationMethod, sparsify
 
 from merge_core import methods, native
 from merge_core.errors import EvomergeError
-from merge_core.methods import METHODS, TensorContext, check_inputs, get_method
+from merge_core.methods import METHODS, TensorContext, check_inputs, chunking, get_method, interpolation, selection
+from merge_core.methods.sparsify import Sparsification
+from merge_core.methods.task_arithmetic import Consensus, combine, task_arithmetic
 
 SHAPES = [(64, 48), (96,), (300, 16)]  # weight, bias/norm, embedding-like (tall, narrow)
 
@@ -129,10 +131,10 @@ def test_count_consensus_matches_mergekit():
     tensors = models((64, 48), 4)
     theirs, = method([TensorGroup.from_tensors(tensors, base_index=0)],
                      parameters={"weight": [0.5, 0.3, 0.2], "density": [0.4, 0.5, 0.6]})
-    ours = methods.task_arithmetic(tensors, 0, [{}, *({"weight": w, "density": d} for w, d in
-                                              [(0.5, 0.4), (0.3, 0.5), (0.2, 0.6)])],
+    ours = task_arithmetic(tensors, 0, [{}, *({"weight": w, "density": d} for w, d in
+                                      [(0.5, 0.4), (0.3, 0.5), (0.2, 0.6)])],
                            {"normalize": True, "rescale": False, "lambda": 1.0}, TensorContext("t"),
-                           sparsification="magnitude", consensus="count")
+                           sparsification=Sparsification.MAGNITUDE, consensus=Consensus.COUNT)
     assert torch.equal(ours, theirs)
 
 
@@ -154,7 +156,7 @@ def test_16bit_ties_differs_from_mergekit_only_at_threshold_ties(dtype):
 def test_threshold_ties_kept_are_the_lowest_indices_across_chunks(monkeypatch, density):
     """Eight magnitudes only, so most of the threshold's ties are dropped; the kept ones are the first in
     index order, whichever end of the tensor the tie search starts from."""
-    monkeypatch.setattr(methods, "_CHUNK", 997)
+    monkeypatch.setattr(chunking, "CHUNK", 997)
     generator = torch.Generator().manual_seed(5)
     magnitudes = torch.randint(1, 9, (200, 173), generator=generator)
     signs = torch.randint(0, 2, (200, 173), generator=generator) * 2 - 1
@@ -182,7 +184,7 @@ def test_threshold_selection_agrees_with_sort_for_every_dtype():
 
 
 def test_tensor_spanning_many_chunks_matches_mergekit(monkeypatch):
-    monkeypatch.setattr(methods, "_CHUNK", 1000)
+    monkeypatch.setattr(chunking, "CHUNK", 1000)
     tensors = models((130, 70), 3)
     for name, per_model in [("ties", TWO), ("breadcrumbs_ties", TWO),
                             ("della", [{"weight": 0.5, "density": 0.5}] * 2)]:
@@ -242,7 +244,7 @@ def test_dare_at_density_one_is_task_arithmetic_and_ties():
 def test_cache_reuse_across_densities_gives_same_result(monkeypatch, name, params, dtype, precompute):
     """Cached histograms, task vectors and sorted magnitude keys give the uncached bytes, ties at the
     threshold included (bf16 has many magnitudes equal to it)."""
-    monkeypatch.setattr(methods, "_CHUNK", 1000)
+    monkeypatch.setattr(chunking, "CHUNK", 1000)
     tensors = models((70, 50), 3, dtype)
     cache = {}
     for density in (0.2, 0.5, 0.9, 0.5):
@@ -389,9 +391,9 @@ def test_sign_bit_election_equals_mergekit_formula(dtype, rows):
     deltas[:, 1500:2000] *= torch.randint(0, 2, (rows, 500), generator=g).to(dtype)
     majority = torch.where(deltas.sum(0) >= 0, 1, -1).to(dtype)  # mergekit's get_mask(method="sum")
     expected = (deltas * (deltas.sign() == majority)).sum(0)
-    ours = methods._combine(deltas.clone(), torch.ones(rows, 1, dtype=dtype), "sum", {"normalize": False, "lambda": 1})
-    assert torch.equal(ours.view(methods._KEY_DTYPES[ours.element_size()]),
-                       expected.view(methods._KEY_DTYPES[ours.element_size()]))
+    ours = combine(deltas.clone(), torch.ones(rows, 1, dtype=dtype), Consensus.SUM, {"normalize": False, "lambda": 1})
+    assert torch.equal(ours.view(selection.KEY_DTYPES[ours.element_size()]),
+                       expected.view(selection.KEY_DTYPES[ours.element_size()]))
 
 
 COMPILED_CASES = [c for c in CASES if c[0] in ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
@@ -409,7 +411,7 @@ COMPILED_CASES = [c for c in CASES if c[0] in ("task_arithmetic", "ties", "dare_
 def test_compiled_kernel_gives_the_torch_bytes(monkeypatch, name, base, per_model, params, dtype, cached):
     """The compiled chunk kernel rounds and draws as the torch code: identical bytes, -0 and ties included,
     across chunk and block boundaries (chunks of 1000 entries, blocks of 256)."""
-    monkeypatch.setattr(methods, "_CHUNK", 1000)
+    monkeypatch.setattr(chunking, "CHUNK", 1000)
     tensors = models((70, 50), len(per_model) + 1, dtype, seed=3)
     tensors[1].view(-1)[::9] = tensors[0].view(-1)[::9]  # unchanged entries: ±0 deltas
     calls = []
@@ -458,8 +460,8 @@ def test_compiled_kernel_builds_into_the_cache_once_and_can_be_turned_off(monkey
 ])
 def test_compiled_weighted_sums_give_the_torch_bytes(monkeypatch, name, per_model, params, dtype):
     """Linear (mergekit's fused multiply-adds into zeros) and slerp's last pass (rounded products)."""
-    monkeypatch.setattr(methods, "_CHUNK", 1000)
-    monkeypatch.setattr(methods, "_SLERP_CHUNK", 1000)
+    monkeypatch.setattr(chunking, "CHUNK", 1000)
+    monkeypatch.setattr(interpolation, "SLERP_CHUNK", 1000)
     tensors = models((70, 50), len(per_model) + (name == "slerp"), dtype, seed=4)
     tensors[1].view(-1)[::7] = -0.0
     calls = []
@@ -479,7 +481,7 @@ def test_compiled_magnitude_histogram_counts_as_bincount(dtype):
     base, model = models((300, 70), 2, dtype, seed=6)
     model.view(-1)[::5] = base.view(-1)[::5]  # ±0 deltas land in bin 0
     delta = model - base
-    expected = methods._key_counts(methods.magnitude_keys(delta))
+    expected = selection.key_counts(methods.magnitude_keys(delta))
     assert torch.equal(native.magnitude_histogram(base.view(-1), model.view(-1)), expected)
     assert torch.equal(native.magnitude_histogram(None, delta.view(-1)), expected)
     assert int(expected.sum()) == delta.numel() and int(expected[0]) >= delta.numel() // 5
