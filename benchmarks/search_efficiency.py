@@ -81,9 +81,9 @@ def curves(result: dict) -> tuple[list[float], list[int], list[float]]:
     return best, items, seconds
 
 
-def summarize(runs: list[dict], reference: float, item_budget: int) -> dict:
+def summarize(runs: list[dict], reference: float, item_budget: int) -> dict[str, list]:
     rows: dict[str, list] = {f"best@{k}": [] for k in CHECKPOINTS}
-    rows.update({"best@items": [], "gain@60": [], "items to ref": [], "seconds to ref": []})
+    rows.update({"best@items": [], "gain@60": [], "items to ref": [], "seconds to ref": [], "items spent": []})
     for result in runs:
         best, items, seconds = curves(result)
         handwritten = next(t["value"] for t in result["trials"] if t["handwritten"])
@@ -96,18 +96,48 @@ def summarize(runs: list[dict], reference: float, item_budget: int) -> dict:
         hit = next((j for j, b in enumerate(best) if b >= reference - CLOSE), None)
         rows["items to ref"].append(items[hit] if hit is not None else None)
         rows["seconds to ref"].append(seconds[hit] if hit is not None else None)
+        rows["items spent"].append(items[-1])
     return rows
 
 
-def shown(values: list) -> str:
+FORMATS = {"items to ref": "{:.0f}", "items spent": "{:.0f}", "seconds to ref": "{:.1f}"}
+
+
+def shown(column: str, values: list) -> str:
+    """median [min–max] over seeds; how many seeds never got there."""
     found = [v for v in values if v is not None and v == v]
     if not found:
         return "—"
-    median = statistics.median(found)
-    fmt = (lambda v: f"{v:.3f}") if isinstance(found[0], float) and max(map(abs, found)) <= 10 else (
-        lambda v: f"{v:.0f}")
+    fmt = FORMATS.get(column, "{:.3f}").format
     missed = len(values) - len(found)
-    return f"{fmt(median)} [{fmt(min(found))}–{fmt(max(found))}]" + (f" ({missed} never)" if missed else "")
+    return (f"{fmt(statistics.median(found))} [{fmt(min(found))}–{fmt(max(found))}]"
+            + (f" ({missed} never)" if missed else ""))
+
+
+def valid(setting: str) -> bool:
+    """Settings a config accepts (gp refuses a pruner: it learns from complete trials only)."""
+    sampler, fidelity = setting.split(" / ")[:2]
+    return not (sampler == "gp" and fidelity != "full")
+
+
+def table(name: str, results: dict, item_budget: int, full_items: int) -> list[str]:
+    reference = max(t["value"] for runs in results.values() for r in runs for t in r["trials"]
+                    if t["state"] == "COMPLETE")
+    first = next(iter(results.values()))[0]
+    handwritten = next(t["value"] for t in first["trials"] if t["handwritten"])
+    seeds = len(next(iter(results.values())))
+    lines = [f"### {name}: reference optimum {reference:.3f}, hand-written {handwritten:.3f}, best source "
+             f"{max(first['baselines'].values()):.3f}; a full evaluation = {full_items} items; "
+             f"{len(first['trials'])} trials, {seeds} seeds", "",
+             "| setting | " + " | ".join(f"best@{k}" for k in CHECKPOINTS)
+             + f" | best within {item_budget} evaluations' items | gain@60 | items to ref−{CLOSE} "
+             f"| s to ref−{CLOSE} | items spent |",
+             "|---" * (len(CHECKPOINTS) + 6) + "|"]
+    for setting, runs in results.items():
+        if valid(setting):
+            rows = summarize(runs, reference, item_budget * full_items)
+            lines.append(f"| {setting} | " + " | ".join(shown(c, v) for c, v in rows.items()) + " |")
+    return lines + [""]
 
 
 def plot(name: str, results: dict, reference: float, out: Path) -> None:
@@ -138,6 +168,17 @@ def plot(name: str, results: dict, reference: float, out: Path) -> None:
     fig.savefig(out / f"{name}.png", dpi=110)
 
 
+def render(name: str, out: Path, item_budget: int) -> list[str]:
+    """The table and plot of one family, from its saved runs."""
+    results = {k: v for k, v in json.loads((out / f"{name}.json").read_text()).items() if valid(k)}
+    full_items = max(t["items"] for runs in results.values() for r in runs for t in r["trials"]
+                     if t["state"] == "COMPLETE")
+    reference = max(t["value"] for runs in results.values() for r in runs for t in r["trials"]
+                    if t["state"] == "COMPLETE")
+    plot(name, results, reference, out)
+    return table(name, results, item_budget, full_items)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", default="demo,deep")
@@ -148,21 +189,26 @@ def main(argv=None) -> int:
     parser.add_argument("--trials", type=int, default=120)
     parser.add_argument("--item-budget", type=int, default=30, help="in full evaluations' worth of items")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "benchmarks" / "search_efficiency")
+    parser.add_argument("--render", action="store_true", help="only remake the table and plots from saved runs")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     lines = []
     for name in args.families.split(","):
+        if args.render:
+            lines += render(name, args.out, args.item_budget)
+            continue
         zoo = family(name)
         base = load_search_config(REPO / "configs" / "demo.yaml")
         config = base.model_copy(update={
             "base_model": str(zoo.base), "models": [str(zoo.models[Path(m).name]) for m in base.models],
             "include_path": str(REPO / "configs" / "tasks"), "n_trials": args.trials})
         evaluator = build_evaluator(config)
-        full_items = sum(evaluator.document_counts().values())
         results: dict[str, list[dict]] = {}
         for sampler in args.samplers.split(","):
             for fidelity, warm_start in ((f, w) for f in args.fidelity.split(",") for w in args.warm_start.split(",")):
                 setting = f"{sampler} / {fidelity}" + (" / +sources" if warm_start == "sources" else "")
+                if not valid(setting):
+                    continue
                 warm_start = ["handwritten", "sources"] if warm_start == "sources" else ["handwritten"]
                 results[setting] = []
                 for seed in range(args.seeds):
@@ -173,20 +219,7 @@ def main(argv=None) -> int:
                         "warm_start": warm_start}), evaluator))
                     print(f"{name} {setting} seed {seed}: {time.perf_counter() - began:.1f} s", flush=True)
         (args.out / f"{name}.json").write_text(json.dumps(results))
-        reference = max(t["value"] for runs in results.values() for r in runs for t in r["trials"]
-                        if t["state"] == "COMPLETE")
-        plot(name, results, reference, args.out)
-        first = next(iter(results.values()))[0]
-        handwritten = next(t["value"] for t in first["trials"] if t["handwritten"])
-        lines += [f"### {name}: reference optimum {reference:.3f}, hand-written {handwritten:.3f}, best source "
-                  f"{max(first['baselines'].values()):.3f}; a full evaluation = {full_items} items", "",
-                  "| setting | " + " | ".join(f"best@{k}" for k in CHECKPOINTS)
-                  + f" | best@{args.item_budget} evals of items | gain@60 | items to ref−{CLOSE} | s to ref−{CLOSE} |",
-                  "|---" * (len(CHECKPOINTS) + 5) + "|"]
-        for setting, runs in results.items():
-            rows = summarize(runs, reference, args.item_budget * full_items)
-            lines.append(f"| {setting} | " + " | ".join(shown(v) for v in rows.values()) + " |")
-        lines.append("")
+        lines += render(name, args.out, args.item_budget)
         print("\n".join(lines), flush=True)
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
     print(f"written: {args.out}/table.md, *.json, *.png")
