@@ -34,19 +34,27 @@ def score_tasks(skills) -> dict[str, str]:
     return {skill: task_name(skill) for skill in skills} | {f"{MC_SKILL}_mc": MC_TASK}
 
 
-def _generation_yaml(skill: str) -> str:
-    return f"""# Written by `evomerge zoo tasks`: exact match of the greedy answer to "{skill}" prompts.
-task: {task_name(skill)}
+def _task_yaml(comment: str, task: str, stem: str, output_type: str, body: str) -> str:
+    """A task YAML: the header every demo task shares (JSONL search/test splits under data/), then ``body``."""
+    return f"""# Written by `evomerge zoo tasks`: {comment}
+task: {task}
 tag: [evomerge_zoo]
 dataset_path: json
 dataset_kwargs:
   data_files:
-    search: data/{skill}_search.jsonl
-    test: data/{skill}_test.jsonl
+    search: data/{stem}_search.jsonl
+    test: data/{stem}_test.jsonl
 test_split: test
-output_type: generate_until
+output_type: {output_type}
 doc_to_text: "{{{{prompt}}}}"
-doc_to_target: "{{{{answer}}}}"
+{body}metadata:
+  version: 1.0
+"""
+
+
+def _generation_yaml(skill: str) -> str:
+    return _task_yaml(f'exact match of the greedy answer to "{skill}" prompts.', task_name(skill), skill,
+                      "generate_until", f"""doc_to_target: "{{{{answer}}}}"
 target_delimiter: ""
 generation_kwargs:
   until: ["\\n"]
@@ -56,33 +64,19 @@ metric_list:
   - metric: exact_match
     aggregation: mean
     higher_is_better: true
-metadata:
-  version: 1.0
-"""
+""")
 
 
 def _mc_yaml() -> str:
-    return f"""# Written by `evomerge zoo tasks`: pick the "{MC_SKILL}" answer among near misses by log-likelihood.
-task: {MC_TASK}
-tag: [evomerge_zoo]
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    search: data/{MC_SKILL}_mc_search.jsonl
-    test: data/{MC_SKILL}_mc_test.jsonl
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{prompt}}}}"
-doc_to_choice: choices
+    return _task_yaml(f'pick the "{MC_SKILL}" answer among near misses by log-likelihood.', MC_TASK,
+                      f"{MC_SKILL}_mc", "multiple_choice", """doc_to_choice: choices
 doc_to_target: label
 target_delimiter: ""
 metric_list:
   - metric: acc
     aggregation: mean
     higher_is_better: true
-metadata:
-  version: 1.0
-"""
+""")
 
 
 def _mc_row(item: Item, rng: random.Random) -> dict:
