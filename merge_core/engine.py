@@ -32,7 +32,7 @@ from merge_core.methods import TIE_BREAKS, TensorContext
 from merge_core.moe import merge_moe
 from merge_core.plan import MergePlan, Source, TensorJob, plan_merge
 from merge_core.recipe import MoERecipe, Recipe, model_card
-from merge_core.runtime import DTYPES, check_device, check_dtype_name
+from merge_core.runtime import DTYPES, check_device, check_dtype_name, progress_bar
 from merge_core.vocab import Vocabulary, build_vocabulary
 
 
@@ -165,11 +165,7 @@ def run_plan(plan: MergePlan, sources: dict[str, Source], sink: Callable[[Tensor
         for job in plan.jobs:
             sink(job, compute(job))
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    columns = (TextColumn("[bold]merging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("{task.fields[tensor]}"))
-    with Progress(*columns, transient=True) as bar:
+    with progress_bar("merging", "tensor", transient=True) as bar:
         task = bar.add_task("merge", total=len(plan.jobs), tensor="")
         for job in plan.jobs:
             bar.update(task, tensor=job.name)

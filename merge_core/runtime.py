@@ -7,7 +7,7 @@ import torch
 
 from merge_core.errors import EvomergeError
 
-__all__ = ["DTYPES", "check_device", "check_dtype_name"]
+__all__ = ["DTYPES", "check_device", "check_dtype_name", "progress_bar"]
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                                   "float64": torch.float64}
@@ -31,3 +31,12 @@ def check_device(device: str, field: str = "--device") -> None:
         raise EvomergeError(f"{field} {device}: CUDA is not available on this machine")
     if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
         raise EvomergeError(f"{field} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def progress_bar(label: str, field: str, *, transient: bool = False):
+    """The one progress bar of every long command (a merge's tensors, a search's trials): ``label``, bar,
+    done/total, elapsed time, then the task's ``field`` (the tensor being merged, the best so far)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn(f"{{task.fields[{field}]}}"), transient=transient)

@@ -36,7 +36,7 @@ from merge_core.engine import merge_into
 from merge_core.errors import EvomergeError
 from merge_core.memory import TensorSource
 from merge_core.recipe import load_recipe
-from merge_core.runtime import DTYPES
+from merge_core.runtime import DTYPES, progress_bar
 from search._optuna_compat import heartbeat, rdb_backend, set_user_attrs_in_one_transaction, storage_of, trial_id
 from search.config import SearchConfig
 from search.preflight import build_evaluator, preflight, root_cause, sqlite_file
@@ -661,10 +661,7 @@ class _Progress:
     def __enter__(self):
         if not self.enabled:
             return lambda done, frozen: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.bar = Progress(TextColumn("[bold]search"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            TextColumn("{task.fields[status]}"))
+        self.bar = progress_bar("search", "status")
         self.bar.__enter__()
         total = self.config.n_trials
         self.task = self.bar.add_task("search", total=total, status=self.baseline_text)
