@@ -174,6 +174,10 @@ class LmEvalEvaluator:
         return dict(self._tasks)
 
     @property
+    def task_names(self) -> list[str]:
+        return list(self._tasks)
+
+    @property
     def metric_names(self) -> dict[str, list[str]]:
         """The metrics each task's scores will hold, by task name, known before anything is scored."""
         return {name: list(metrics) for name, metrics in self._metrics.items()}

@@ -48,6 +48,13 @@ class PerplexityEvaluator:
         self.task_name = task_name or f"perplexity:{self.path.name}"
         self._chunks: tuple[Any, Any] | None = None
 
+    @property
+    def metric_names(self) -> dict[str, list[str]]:
+        return {self.task_name: ["perplexity", "nll"]}
+
+    def metric_directions(self) -> dict[str, dict[str, bool]]:
+        return {self.task_name: {"perplexity": False, "nll": False}}
+
     def _chunks_for(self, tokenizer: Any, length: int) -> Any:
         """The token chunks, cut once per tokenizer and chunk length."""
         import torch

@@ -53,8 +53,52 @@ class TaskSpec(StrictModel):
     metric: str | None = Field(default=None, min_length=1)
 
 
-SAMPLERS = ("cmaes", "cmaes_ipop", "cmaes_bipop", "tpe", "gp", "random")
+SAMPLERS = ("cmaes", "cmaes_ipop", "cmaes_bipop", "tpe", "gp", "nsga2", "random")
+# Samplers of one continuous space and one objective: no categorical method, no Pareto front, no constraints.
+CMAES_SAMPLERS = ("cmaes", "cmaes_ipop", "cmaes_bipop")
+SCALES = ("raw", "relative")
+EVERY_TASK = "every"
 PRUNERS = ("successive_halving", "hyperband")
+
+
+class ObjectiveSpec(StrictModel):
+    """One objective of a multi-objective search: the weighted average (by the tasks' weights) of its tasks."""
+
+    name: str = Field(min_length=1)
+    tasks: list[str] = Field(min_length=1)
+
+
+class ConstraintSpec(StrictModel):
+    """A bound a merge must keep on one task's metric, or on every task of ``tasks`` (``task: every``): no worse
+    than ``no_worse_than`` (``base``, ``best_source``, a source's label, or a number) in the metric's own
+    direction, with slack: ``tolerance`` in the metric's units, ``ratio`` as a factor (for a lower-is-better
+    metric the bound is reference × ratio + tolerance, for a higher-is-better one reference / ratio − tolerance)."""
+
+    task: str = Field(min_length=1)
+    metric: str | None = Field(default=None, min_length=1)
+    no_worse_than: float | str = Field(union_mode="left_to_right")
+    tolerance: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    ratio: float = Field(default=1.0, ge=1, allow_inf_nan=False)
+
+    @field_validator("no_worse_than")
+    @classmethod
+    def _finite(cls, value: float | str) -> float | str:
+        if isinstance(value, float) and value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"{value} is not a finite number")
+        if isinstance(value, str) and not value:
+            raise ValueError("give base, best_source, a source's label or a number")
+        return value
+
+
+class PerplexityText(StrictModel):
+    """A held-out text scored as a task named ``name`` (metrics ``perplexity``, lower is better, and ``nll``):
+    ``text`` on the search split, ``test_text`` (default: the same text) on the test split."""
+
+    name: str = Field(min_length=1)
+    text: str = Field(min_length=1)
+    test_text: str | None = Field(default=None, min_length=1)
+    max_tokens: int = Field(default=4096, ge=2)
+    context_length: int = Field(default=256, ge=2)
 
 
 class Fidelity(StrictModel):
@@ -94,17 +138,21 @@ class SearchConfig(StrictModel):
     name: str = Field(default="search", min_length=1)
     base_model: str
     models: list[str] = Field(min_length=1)
-    method: str = "ties"
+    method: str | list[str] = "ties"  # a list: the method is searched too (a categorical dimension)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     parameters: dict[str, SearchedParameter] = Field(default_factory=dict)
     fixed: dict[str, float | bool | str] = Field(default_factory=dict)
     block_size: int = Field(default=4, ge=1)
     tasks: list[TaskSpec] = Field(min_length=1)
+    perplexity: list[PerplexityText] = Field(default_factory=list)
+    objective_scale: Literal[SCALES] = "raw"
+    objectives: list[str | ObjectiveSpec] | None = None
+    constraints: list[ConstraintSpec] = Field(default_factory=list)
     include_path: str | None = "configs/tasks"
     limit: int | None = Field(default=None, ge=1)
     num_fewshot: int | None = Field(default=None, ge=0)
     batch_size: int = Field(default=64, ge=1)
-    sampler: Literal[SAMPLERS] = "cmaes"
+    sampler: Literal[SAMPLERS] | None = None  # None: cmaes, or tpe where cmaes cannot serve (see ``sampler_name``)
     fidelity: Fidelity | None = None
     # points the sampler learns first: the hand-written recipe (a trial, scored) and each source model where
     # it is a point of the space (told with its baseline score, at no cost)
@@ -140,7 +188,7 @@ class SearchConfig(StrictModel):
     def _budget(self):
         if self.n_trials is None and self.timeout is None and self.max_items is None:
             raise ValueError("give a budget: n_trials, timeout, max_items, or several")
-        if self.fidelity is not None and self.sampler == "gp":
+        if self.fidelity is not None and self.sampler_name == "gp":
             raise ValueError("fidelity: the gp sampler learns from complete trials only, so every pruned "
                              "candidate's evaluations would be lost; use cmaes, cmaes_ipop, cmaes_bipop, tpe or random")
         if len(set(self.models)) != len(self.models):
@@ -151,7 +199,79 @@ class SearchConfig(StrictModel):
         names = [t.name for t in self.tasks]
         if len(set(names)) != len(names):
             raise ValueError(f"tasks: task {next(n for n in names if names.count(n) > 1)!r} is listed twice")
+        texts = [p.name for p in self.perplexity]
+        if len(set(texts)) != len(texts):
+            raise ValueError(f"perplexity: {next(n for n in texts if texts.count(n) > 1)!r} is named twice")
+        self._check_objectives()
+        self._check_sampler()
         return self
+
+    def _check_objectives(self) -> None:
+        scored = set(self.scored_tasks)
+        groups = self.objective_groups
+        seen: set[str] = set()
+        for i, (name, tasks) in enumerate(groups):
+            if name in seen:
+                raise ValueError(f"objectives[{i}]: objective {name!r} is named twice")
+            seen.add(name)
+            for task in tasks:
+                if task not in scored:
+                    raise ValueError(f"objectives[{i}]: {task!r} is not a task of tasks or perplexity "
+                                     f"(scored: {', '.join(self.scored_tasks)})")
+        for i, c in enumerate(self.constraints):
+            if c.task != EVERY_TASK and c.task not in scored:
+                raise ValueError(f"constraints[{i}].task: {c.task!r} is not a task of tasks or perplexity "
+                                 f"(scored: {', '.join(self.scored_tasks)}; or 'every')")
+            if c.task == EVERY_TASK and c.metric is not None:
+                raise ValueError(f"constraints[{i}].metric: 'every' task keeps its own metric (give one task to "
+                                 f"bound {c.metric!r})")
+        methods = self.methods
+        if len(set(methods)) != len(methods) or not methods:
+            raise ValueError(f"method: {methods} must list each method once, and at least one")
+
+    def _check_sampler(self) -> None:
+        """CMA-ES samples one continuous space with one objective and no constraints; what needs more gets
+        tpe unless a sampler is named, and a named CMA-ES sampler is refused with the reason."""
+        needs = ([f"{len(self.objective_groups)} objectives"] if self.multi_objective else []) + (
+            ["constraints"] if self.constraints else []) + (["a method list"] if len(self.methods) > 1 else [])
+        if needs and self.sampler in CMAES_SAMPLERS:
+            raise ValueError(f"sampler: {self.sampler} cannot serve {' and '.join(needs)} (it samples one continuous "
+                             "space for one objective); use tpe, nsga2, gp or random, or leave sampler out")
+        if self.fidelity is not None and self.multi_objective:
+            raise ValueError("fidelity: Optuna's pruners compare one objective, and this search has "
+                             f"{len(self.objective_groups)}; drop fidelity or the objectives")
+        if self.sampler == "nsga2" and self.fidelity is not None:
+            raise ValueError("fidelity: nsga2 learns from complete trials only; use tpe or random")
+
+    @property
+    def methods(self) -> list[str]:
+        """The merge methods searched: one, or each of the list (``method`` then is a dimension)."""
+        return [self.method] if isinstance(self.method, str) else list(self.method)
+
+    @property
+    def sampler_name(self) -> str:
+        """The sampler that runs: as named, else cmaes, or tpe where the search has several objectives,
+        constraints or a method list (TPE takes all three; see the README's measurements)."""
+        if self.sampler is not None:
+            return self.sampler
+        return "tpe" if self.multi_objective or self.constraints or len(self.methods) > 1 else "cmaes"
+
+    @property
+    def scored_tasks(self) -> list[str]:
+        """Every task a candidate is scored on: ``tasks`` (the average's), then held-out texts not among them."""
+        names = [t.name for t in self.tasks]
+        return names + [p.name for p in self.perplexity if p.name not in names]
+
+    @property
+    def objective_groups(self) -> list[tuple[str, list[str]]]:
+        """(name, tasks) of each objective; one objective, the average of ``tasks``, when none are given."""
+        if not self.objectives:
+            return [("average", [t.name for t in self.tasks])]
+        return [(o, [o]) if isinstance(o, str) else (o.name, list(o.tasks)) for o in self.objectives]
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objective_groups) > 1
 
     @property
     def run_dir(self) -> Path:
@@ -167,24 +287,33 @@ class SearchConfig(StrictModel):
 
 
 def check_method_parameters(config: SearchConfig) -> None:
-    """Searched and fixed parameters must be parameters of the method (per-model or global)."""
-    try:
-        method = get_method(config.method)
-    except EvomergeError as exc:
-        raise EvomergeError(f"method: {str(exc).removeprefix('merge_method: ')}") from None
-    known = {**method.model_params, **method.params}
+    """Searched and fixed parameters must be parameters of the method (with a method list: of at least one
+    listed method), and each method's required parameters must be searched or fixed."""
+    field = "method" if isinstance(config.method, str) else "method[{}]"
+    methods = []
+    for i, name in enumerate(config.methods):
+        try:
+            methods.append(get_method(name))
+        except EvomergeError as exc:
+            raise EvomergeError(f"{field.format(i)}: {str(exc).removeprefix('merge_method: ')}") from None
+    known = {p for m in methods for p in (*m.model_params, *m.params)}
+    listed = " or ".join(config.methods)
     for where, names in (("parameters", config.parameters), ("fixed", config.fixed)):
         for name in names:
             if name not in known:
-                raise EvomergeError(f"{where}.{name}: {config.method} has no parameter {name!r} "
+                raise EvomergeError(f"{where}.{name}: {listed} has no parameter {name!r} "
                                     f"(it has: {', '.join(sorted(known))})")
     if not config.parameters:
         raise EvomergeError("parameters: nothing to search (give at least one parameter with low/high)")
-    defaults = {**method.model_params, **method.params, **DEFAULT_MODEL_PARAMS.get(method.name, {})}
-    for name, default in defaults.items():
-        if default is REQUIRED and name not in config.parameters and name not in config.fixed:
-            raise EvomergeError(f"parameters.{name}: {config.method} needs {name}: "
-                                f"search it (parameters) or fix it (fixed)")
+    for method in methods:
+        defaults = {**method.model_params, **method.params, **DEFAULT_MODEL_PARAMS.get(method.name, {})}
+        for name, default in defaults.items():
+            if default is REQUIRED and name not in config.parameters and name not in config.fixed:
+                raise EvomergeError(f"parameters.{name}: {method.name} needs {name}: "
+                                    f"search it (parameters) or fix it (fixed)")
+        if len(methods) > 1 and not any(p in config.parameters for p in (*method.model_params, *method.params)):
+            raise EvomergeError(f"method: {method.name} has none of the searched parameters "
+                                f"({', '.join(config.parameters)}): every trial of it would be the same merge")
     for name in config.fixed:
         if name in config.parameters:
             raise EvomergeError(f"fixed.{name}: also searched under parameters (fix it or search it, not both)")

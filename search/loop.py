@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import signal
@@ -39,9 +40,19 @@ from merge_core.recipe import load_recipe
 from merge_core.runtime import DTYPES, progress_bar
 from search._optuna_compat import heartbeat, rdb_backend, set_user_attrs_in_one_transaction, storage_of, trial_id
 from search.config import SearchConfig
+from search.objectives import Objective, anchors_from
 from search.preflight import build_evaluator, preflight, root_cause, sqlite_file
 from search.samplers import make_pruner, make_sampler, rung_step
-from search.space import Dimension, build_recipe, dimensions, handwritten_point, model_labels, source_points
+from search.space import (
+    METHOD_KEY,
+    Dimension,
+    build_recipe,
+    dimensions,
+    dims_for,
+    handwritten_point,
+    model_labels,
+    source_points,
+)
 
 MAX_RETRY = 2
 REFRESH_SECONDS = 1.0  # how often a worker reads other workers' trials for its budget check and progress bar
@@ -193,6 +204,36 @@ class Workbench:
     num_layers: int
     dims: list[Dimension] = field(default_factory=list)
     cache: dict = field(default_factory=dict)
+    objective: Objective | None = None  # set once the baselines are scored (the relative scale's anchors)
+    baseline_scores: dict[str, Any] = field(default_factory=dict)  # label → Scores, for constraints
+
+    def distribution(self, key: str):
+        """The Optuna distribution of one key of the space (a float dimension, or the method)."""
+        from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+        if key == METHOD_KEY:
+            return CategoricalDistribution(self.config.methods)
+        d = next(d for d in self.dims if d.key == key)
+        return FloatDistribution(d.low, d.high)
+
+    def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
+        """The trial's point: its method (with a method list), then that method's dimensions."""
+        point: dict[str, Any] = {}
+        method = self.config.methods[0]
+        if len(self.config.methods) > 1:
+            method = point[METHOD_KEY] = trial.suggest_categorical(METHOD_KEY, self.config.methods)
+        point.update({d.key: trial.suggest_float(d.key, d.low, d.high) for d in dims_for(self.dims, method)})
+        return point
+
+    def outcome(self, scores) -> dict[str, Any]:
+        """What a trial's scores become: its average, and with constraints their values as Optuna takes them
+        (≤ 0: satisfied, i.e. minus each margin) and whether all hold."""
+        attrs: dict[str, Any] = {"average": self.objective.average(scores)}
+        if self.config.constraints:
+            margins = self.objective.margins(scores, self.baseline_scores)
+            attrs["constraints"] = [-m for m in margins]
+            attrs["feasible"] = all(m >= 0 for m in margins)
+        return attrs
 
     def recipe(self, values: dict[str, float], *, portable: bool = False) -> dict[str, Any]:
         """The candidate's recipe; ``portable`` spells model paths out and records the seed, for export."""
@@ -251,15 +292,48 @@ def open_workbench(config: SearchConfig, config_dir: Path | None = None, evaluat
     return bench
 
 
-def objective_of(scores, config: SearchConfig) -> float:
-    from evaluators import weighted_average
+def constraint_values(attrs: dict[str, Any]) -> dict[str, float] | None:
+    """A trial's constraints as Optuna keeps them (``Trial.set_constraint``: ≤ 0 satisfied, one key per
+    constraint), from the values ``Workbench.outcome`` stored; None without constraints."""
+    if "constraints" not in attrs:
+        return None
+    return {str(i): float(v) for i, v in enumerate(attrs["constraints"])}
 
-    return weighted_average(scores, {t.name: t.weight for t in config.tasks},
-                            {t.name: t.metric for t in config.tasks if t.metric})
+
+def objective_of(scores, config: SearchConfig, anchors=None) -> float:
+    """The weighted average over ``tasks`` (see ``search.objectives``; the relative scale needs ``anchors``)."""
+    return Objective(config, anchors).average(scores)
+
+
+def rank_value(trial: optuna.trial.FrozenTrial) -> float:
+    """What ranks complete trials: the objective of a single-objective study, else the average over ``tasks``."""
+    values = trial.values or []
+    return values[0] if len(values) == 1 else float(trial.user_attrs.get("average", math.nan))
+
+
+def rank_key(trial: optuna.trial.FrozenTrial) -> tuple[float, int]:
+    """Best first, ties by the earliest trial; NaN (never for a complete trial) last."""
+    value = rank_value(trial)
+    return (-value if value == value else math.inf, trial.number)
+
+
+def baseline_objectives(baselines_scores: dict[str, Any], base_label: str, config: SearchConfig,
+                        anchors) -> dict[str, dict[str, Any]]:
+    """Per baseline: ``objective`` (ranked like trials, see ``rank_value``), ``values`` (one per objective)."""
+    objective = Objective(config, anchors)
+    out = {}
+    for label, scores in baselines_scores.items():
+        values = objective.values(scores)
+        out[label] = {"objective": values[0] if len(values) == 1 else objective.average(scores), "values": values}
+    return out
 
 
 def score_baselines(study: optuna.Study, bench: Workbench) -> dict[str, Any]:
-    """Score the base and every source once per study, with the settings every trial gets."""
+    """Score the base and every source once per study, with the settings every trial gets; then fix the
+    objective's anchors (base and best source per task) and each baseline's objective values."""
+    from evaluators import Scores
+    from merge_core.inventory import model_inventory
+
     baselines = dict(study.user_attrs.get("baselines", {}))
     labels = model_labels([bench.config.base_model, *bench.config.models])
     for ref in [bench.config.base_model, *bench.config.models]:
@@ -268,8 +342,17 @@ def score_baselines(study: optuna.Study, bench: Workbench) -> dict[str, Any]:
             continue
         bench.load_source(ref)
         scores = bench.evaluator.score(bench.model, bench.tokenizer)
+        Objective(bench.config).check_metrics(scores)
         baselines[label] = {"model": bench.paths[ref], "is_base": ref == bench.config.base_model,
-                            "objective": objective_of(scores, bench.config), "scores": scores.to_dict()}
+                            "scores": scores.to_dict(), "inventory": model_inventory(bench.paths[ref])}
+        study.set_user_attr("baselines", baselines)
+    base_label = labels[bench.config.base_model]
+    bench.baseline_scores = {label: Scores.from_dict(b["scores"]) for label, b in baselines.items()}
+    anchors = anchors_from(bench.baseline_scores, base_label, bench.config)
+    bench.objective = Objective(bench.config, anchors)
+    for label, values in baseline_objectives(bench.baseline_scores, base_label, bench.config, anchors).items():
+        baselines[label] = {**baselines[label], **values}
+    if baselines != study.user_attrs.get("baselines"):
         study.set_user_attr("baselines", baselines)
     return baselines
 
@@ -278,20 +361,20 @@ def add_source_trials(study: optuna.Study, bench: Workbench, baselines: dict[str
     """Warm starts at no cost: each source that is a point of the space (``source_points``) is told to the
     sampler as a complete trial with its baseline score, once per study. They do not count against the
     budget and are marked ``source`` (their recipe reproduces the source)."""
-    from optuna.distributions import FloatDistribution
 
     existing = {t.user_attrs.get("source") for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
-    distributions = {d.key: FloatDistribution(d.low, d.high) for d in bench.dims}
     if "sources" not in bench.config.warm_start:
         return
     for label, point in source_points(bench.config, bench.dims).items():
         if label in existing or label not in baselines:
             continue
         baseline = baselines[label]
+        distributions = {key: bench.distribution(key) for key in point}
+        attrs = {"source": label, "recipe": bench.recipe(point, portable=True), "scores": baseline["scores"],
+                 "items": 0, **bench.outcome(bench.baseline_scores[label])}
         study.add_trial(optuna.trial.create_trial(
-            params=point, distributions=distributions, value=baseline["objective"],
-            user_attrs={"source": label, "recipe": bench.recipe(point, portable=True), "scores": baseline["scores"],
-                        "items": 0}))
+            params=point, distributions=distributions, values=baseline["values"], user_attrs=attrs,
+            constraints=constraint_values(attrs)))
 
 
 class _StopFlag:
@@ -338,7 +421,7 @@ def run_trial(study: optuna.Study, bench: Workbench, known: list[optuna.trial.Fr
 def _score_trial(study: optuna.Study, trial: optuna.Trial, bench: Workbench) -> optuna.trial.FrozenTrial:
     with heartbeat(study, trial):
         try:
-            values = {d.key: trial.suggest_float(d.key, d.low, d.high) for d in bench.dims}
+            values = bench.suggest(trial)
             recipe = bench.recipe(values)
             _set_user_attrs(study, trial, {"worker": _worker_id(), "recipe": bench.recipe(values, portable=True)})
             started = time.perf_counter()
@@ -348,22 +431,25 @@ def _score_trial(study: optuna.Study, trial: optuna.Trial, bench: Workbench) -> 
             scored = (bench.evaluator.score_rungs(bench.model, bench.tokenizer, rungs) if bench.config.fidelity
                       else iter([bench.evaluator.score(bench.model, bench.tokenizer)]))
             for rung, scores in enumerate(scored):
-                value = objective_of(scores, bench.config)
+                objective_values = bench.objective.values(scores)
                 last = rung == len(rungs) - 1
-                if value != value:
+                if any(v != v for v in objective_values):
                     raise EvomergeError("the objective is NaN")
                 if bench.config.fidelity:
-                    trial.report(value, rung_step(bench.config, rung))
+                    trial.report(objective_values[0], rung_step(bench.config, rung))
                 if last or trial.should_prune():
                     break
             attrs = {"scores": scores.to_dict(), "materialize_seconds": merged - started,
-                     "eval_seconds": time.perf_counter() - merged, "items": items_scored(scores)}
+                     "eval_seconds": time.perf_counter() - merged, "items": items_scored(scores),
+                     **bench.outcome(scores)}
             if bench.config.fidelity:
                 attrs["rung"] = rung
             _set_user_attrs(study, trial, attrs)
+            for key, value in (constraint_values(attrs) or {}).items():
+                trial.set_constraint(key, value)
             if not last:
                 return study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
-            return study.tell(trial, value, skip_if_finished=True)
+            return study.tell(trial, objective_values, skip_if_finished=True)
         except KeyboardInterrupt:  # a second Ctrl-C: the candidate is not at fault, so it is queued again
             if storage_of(study).get_trial(trial_id(trial)).state == TrialState.RUNNING:
                 RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, _fail(study, trial, "interrupted"))
@@ -508,15 +594,20 @@ def public_url(url: str) -> str:
 
 def create_study(config: SearchConfig, bench: Workbench, rerun: str = "check") -> optuna.Study:
     storage = open_storage(config)
-    handwritten = handwritten_point(config, bench.dims)
-    study = optuna.create_study(study_name=config.study, storage=storage, direction="maximize",
-                                sampler=make_sampler(config, bench.dims), pruner=make_pruner(config),
-                                load_if_exists=True)
+    directions = ["maximize"] * len(config.objective_groups)
+    try:
+        study = optuna.create_study(study_name=config.study, storage=storage, directions=directions,
+                                    sampler=make_sampler(config, bench.dims), pruner=make_pruner(config),
+                                    load_if_exists=True)
+    except ValueError as exc:  # a stored study with another number of objectives
+        raise changed_config_error(config, [str(exc).splitlines()[0]]) from None
     if "config" not in study.user_attrs:
         study.set_user_attr("config", json.loads(config.model_dump_json()))
         study.set_user_attr("evomerge_version", _version())
-        if "handwritten" in config.warm_start:
-            study.enqueue_trial(handwritten, user_attrs={"handwritten": True}, skip_if_exists=True)
+        if "handwritten" in config.warm_start:  # one per method, so each method starts from the same place
+            for method in config.methods:
+                study.enqueue_trial(handwritten_point(config, bench.dims, method), user_attrs={"handwritten": True},
+                                    skip_if_exists=True)
     else:
         reconcile_config(study, config, rerun)
     return study
@@ -681,19 +772,23 @@ def progress_status(done: list[optuna.trial.FrozenTrial], frozen, reference: tup
     the best, the reference and the last trial apart, and the difference with two significant digits."""
     from search.formatting import decimals_for_differences, decimals_to_separate
 
-    complete = [t.value for t in done if t.state == TrialState.COMPLETE]
-    best = max(complete, default=float("nan"))
-    last = frozen.value if frozen.state == TrialState.COMPLETE else None
+    complete = [t for t in done if t.state == TrialState.COMPLETE]
+    feasible = [t for t in complete if t.user_attrs.get("feasible", True)]
+    best = max((rank_value(t) for t in feasible or complete), default=float("nan"))
+    last = rank_value(frozen) if frozen.state == TrialState.COMPLETE else None
     shown = [best, *([reference[0]] if reference else []), *([last] if last is not None else [])]
     d = decimals_to_separate(shown)
     text = f"best {best:.{d}f}"
     if reference is not None and best == best:
         delta = best - reference[0]
         text += f" ({delta:+.{decimals_for_differences([delta])}f} vs {reference[1]} {reference[0]:.{d}f})"
+    if len(feasible) < len(complete) or (complete and "feasible" in complete[0].user_attrs):
+        text += f" · {len(feasible)}/{len(complete)} feasible"
     if frozen.state == TrialState.PRUNED:
         outcome = f"pruned after rung {frozen.user_attrs.get('rung', 0) + 1}"
     else:
         outcome = f"{last:.{d}f}" if last is not None else f"failed ({frozen.user_attrs.get('fail_reason', '?')})"
+        outcome += " (infeasible)" if frozen.user_attrs.get("feasible") is False else ""
     return text + f" · trial {frozen.number}: " + outcome
 
 
@@ -711,6 +806,6 @@ def check_config(config: SearchConfig, config_dir: Path | None = None, rerun: st
     return {"models": checked.paths, "layers": checked.num_layers, "dimensions": [d.key for d in checked.dims],
             "tensors": checked.tensors,
             "tasks": list(getattr(evaluator, "task_names", [t.name for t in config.tasks])),
-            "storage": config.storage_url, "sampler": config.sampler, "n_trials": config.n_trials,
+            "storage": config.storage_url, "sampler": config.sampler_name, "n_trials": config.n_trials,
             "fidelity": None if config.fidelity is None else
             f"rungs {config.fidelity.rungs}, {config.fidelity.pruner} (η = {config.fidelity.reduction_factor})"}

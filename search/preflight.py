@@ -21,8 +21,8 @@ from merge_core.methods import check_inputs, get_method
 from merge_core.plan import plan_merge
 from merge_core.recipe import load_recipe
 from merge_core.runtime import check_device
-from search.config import SearchConfig
-from search.space import Dimension, build_recipe, dimensions, handwritten_point
+from search.config import EVERY_TASK, SearchConfig
+from search.space import METHOD_KEY, Dimension, build_recipe, dimensions, dims_for, handwritten_point, model_labels
 
 
 @dataclass
@@ -105,7 +105,7 @@ def root_cause(exc: BaseException) -> str:
 def check_models(config: SearchConfig, paths: dict[str, str], readers: dict[str, CheckpointReader]) -> int:
     """Distinct models of one shape: every source has the base's layers and tensor shapes, since its
     weights go into a live model built from the base. Returns the number of layers."""
-    method = get_method(config.method)
+    methods = [get_method(m) for m in config.methods]
     refs = [config.base_model, *config.models]
     seen: dict[str, str] = {}
     for ref in refs:
@@ -113,7 +113,7 @@ def check_models(config: SearchConfig, paths: dict[str, str], readers: dict[str,
         if paths[ref] in seen and ref != seen[paths[ref]]:
             raise EvomergeError(f"{where}: {ref} and {seen[paths[ref]]} are the same model ({paths[ref]})")
         seen.setdefault(paths[ref], ref)
-    if method.base_is_input:
+    if all(m.base_is_input for m in methods):
         pass  # the base is only the live model's template here: listing it among the models is a choice
     elif paths[config.base_model] in {paths[m] for m in config.models}:
         raise EvomergeError(f"models: {config.base_model} is the base_model; list only the models merged onto it")
@@ -129,13 +129,15 @@ def check_models(config: SearchConfig, paths: dict[str, str], readers: dict[str,
             if name in base_shapes and tuple(reader.shape(name)) != base_shapes[name]:
                 raise EvomergeError(f"models: {ref}: tensor {name} is {list(reader.shape(name))} but "
                                     f"{list(base_shapes[name])} in the base_model (the models differ in size)")
-    uses_base = not method.base_is_input
-    n_inputs = len(config.models) + (1 if uses_base else 0)
-    try:
-        check_inputs(method, n_inputs, uses_base)
-    except EvomergeError as exc:
-        given = f"the base_model and {len(config.models)} models" if uses_base else f"{len(config.models)} models"
-        raise EvomergeError(f"models: {exc} ({given})") from None
+    for i, method in enumerate(methods):
+        uses_base = not method.base_is_input
+        n_inputs = len(config.models) + (1 if uses_base else 0)
+        try:
+            check_inputs(method, n_inputs, uses_base)
+        except EvomergeError as exc:
+            given = f"the base_model and {len(config.models)} models" if uses_base else f"{len(config.models)} models"
+            where = "models" if len(methods) == 1 else f"method[{i}]: {method.name}"
+            raise EvomergeError(f"{where}: {exc} ({given})") from None
     return num_layers
 
 
@@ -143,13 +145,15 @@ def _corners(config: SearchConfig, dims: list[Dimension], start: dict[str, float
     """(label, point): each searched parameter at its low and its high, the others at the hand-written
     start, then every parameter at its low and every one at its high. A limit on a parameter's values
     (density in (0, 1]…) is an interval, so these points reach whatever a trial could."""
+    keep = {k: v for k, v in start.items() if k == METHOD_KEY}
     for param, spec in config.parameters.items():
         for end in ("low", "high"):
             value = getattr(spec, end)
             yield f"parameters.{param}: {end} {value}", {**start, **{d.key: value for d in dims if d.param == param}}
     if len(config.parameters) > 1:
         for end in ("low", "high"):
-            yield f"parameters: every {end}", {d.key: getattr(config.parameters[d.param], end) for d in dims}
+            ends = {d.key: getattr(config.parameters[d.param], end) for d in dims}
+            yield f"parameters: every {end}", {**keep, **ends}
 
 
 def check_groups(config: SearchConfig, names: list[str]) -> None:
@@ -166,14 +170,22 @@ def check_groups(config: SearchConfig, names: list[str]) -> None:
 def check_recipes(config: SearchConfig, dims: list[Dimension], num_layers: int, readers) -> int:
     """Plan (never merge) the hand-written recipe and the corners of the space. Returns its tensor count."""
     check_groups(config, readers[config.base_model].names)
-    start = handwritten_point(config, dims)
-    plan = plan_merge(load_recipe(build_recipe(config, dims, start, num_layers), strict=True), readers)
-    for label, point in _corners(config, dims, start):
+    tensors = 0
+    for method in config.methods:
+        start = handwritten_point(config, dims, method)
+        within = dims_for(dims, method)
+        prefix = f"method {method}: " if len(config.methods) > 1 else ""
         try:
-            plan_merge(load_recipe(build_recipe(config, dims, point, num_layers), strict=True), readers)
+            plan = plan_merge(load_recipe(build_recipe(config, dims, start, num_layers), strict=True), readers)
         except EvomergeError as exc:
-            raise EvomergeError(f"{label}: {exc}") from None
-    return len(plan.jobs)
+            raise EvomergeError(f"{prefix}the hand-written recipe: {exc}") from None
+        tensors = max(tensors, len(plan.jobs))
+        for label, point in _corners(config, within, start):
+            try:
+                plan_merge(load_recipe(build_recipe(config, dims, point, num_layers), strict=True), readers)
+            except EvomergeError as exc:
+                raise EvomergeError(f"{prefix}{label}: {exc}") from None
+    return tensors
 
 
 def check_live_model(config: SearchConfig, path: str) -> None:
@@ -190,12 +202,21 @@ def check_live_model(config: SearchConfig, path: str) -> None:
 
 
 def build_evaluator(config: SearchConfig, split: str = "search"):
-    """The evaluator every candidate of this config is scored with (``split``: the tasks' split)."""
-    from evaluators import LmEvalEvaluator
+    """The evaluator every candidate of this config is scored with (``split``: the tasks' split): lm-eval for
+    the tasks, plus each held-out perplexity text (its ``test_text`` on the test split)."""
+    from evaluators import CombinedEvaluator, LmEvalEvaluator, PerplexityEvaluator
 
-    return LmEvalEvaluator([t.name for t in config.tasks], include_path=config.include_path, split=split,
-                           limit=config.limit, num_fewshot=config.num_fewshot, batch_size=config.batch_size,
-                           device=config.device, threads=config.threads)
+    texts = {p.name: p for p in config.perplexity}
+    names = [t.name for t in config.tasks if t.name not in texts]
+    lm = (LmEvalEvaluator(names, include_path=config.include_path, split=split, limit=config.limit,
+                          num_fewshot=config.num_fewshot, batch_size=config.batch_size, device=config.device,
+                          threads=config.threads) if names else None)
+    if not texts:
+        return lm
+    held_out = [PerplexityEvaluator((p.test_text or p.text) if split == "test" else p.text, max_tokens=p.max_tokens,
+                                    context_length=p.context_length, batch_size=min(config.batch_size, 8),
+                                    device=config.device, task_name=p.name) for p in texts.values()]
+    return CombinedEvaluator(([lm] if lm else []) + held_out)
 
 
 def build_checked_evaluator(config: SearchConfig) -> Any:
@@ -223,24 +244,61 @@ def check_tasks(config: SearchConfig, evaluator: Any) -> None:
 
 
 def check_objective(config: SearchConfig, evaluator: Any) -> None:
-    """Every task's objective metric exists and can enter the objective, checked from the tasks' definitions
-    before any model is scored (``validate`` and ``search`` alike). Evaluators that cannot say their metrics
-    before scoring (``metric_directions``) are checked on the first scores instead."""
+    """Every metric the objectives and the constraints read exists and can enter them, checked from the tasks'
+    definitions before any model is scored (``validate`` and ``search`` alike). On the raw scale a
+    lower-is-better metric averages with others only through a probability form (perplexities, bits per
+    byte); alone in its objective any direction serves, and on the relative scale every metric does.
+    Evaluators that cannot say their metrics before scoring (``metric_directions``) are checked on the first
+    scores instead."""
     from evaluators.base import check_objective_metric
 
     directions = getattr(evaluator, "metric_directions", None)
     if directions is None:
         return
     known = directions()
-    for task in config.tasks:
+    chosen: dict[str, tuple[str, bool]] = {}
+    for i, task in enumerate(config.tasks):
         if task.name not in known:
             continue  # a group name: its member tasks are what the evaluator scores
         metrics = known[task.name]
         metric = task.metric or next(iter(metrics))
         if metric not in metrics:
-            raise EvomergeError(f"tasks[{config.tasks.index(task)}].metric: task {task.name!r} has no metric "
+            raise EvomergeError(f"tasks[{i}].metric: task {task.name!r} has no metric "
                                 f"{metric!r} (it has: {', '.join(metrics)})")
-        check_objective_metric(task.name, metric, metrics[metric])
+        chosen[task.name] = (metric, metrics[metric])
+    for p in config.perplexity:
+        if p.name in known and p.name not in chosen:
+            chosen[p.name] = ("perplexity", False)
+    if config.objective_scale == "raw":
+        groups = [("the average of tasks", [t.name for t in config.tasks])]
+        if config.objectives:
+            groups += [(f"objective {name!r}", tasks) for name, tasks in config.objective_groups]
+        for where, tasks in groups:
+            for task in tasks:
+                if task in chosen and len(tasks) > 1:
+                    try:
+                        check_objective_metric(task, *chosen[task])
+                    except EvomergeError as exc:
+                        raise EvomergeError(f"{where}: {exc} (or set objective_scale: relative)") from None
+    labels = set(model_labels(config.models).values())
+    for i, c in enumerate(config.constraints):
+        tasks = [t.name for t in config.tasks] if c.task == EVERY_TASK else [c.task]
+        for task in tasks:
+            if task in known and c.metric and c.metric not in known[task]:
+                raise EvomergeError(f"constraints[{i}].metric: task {task!r} has no metric {c.metric!r} "
+                                    f"(it has: {', '.join(known[task])})")
+        if isinstance(c.no_worse_than, str) and c.no_worse_than not in {"base", "best_source", *labels}:
+            raise EvomergeError(f"constraints[{i}].no_worse_than: {c.no_worse_than!r} is not base, best_source, "
+                                f"a source's label ({', '.join(sorted(labels))}) or a number")
+
+
+def check_texts(config: SearchConfig) -> None:
+    """Each held-out perplexity text exists and is a file, before anything is loaded."""
+    for i, p in enumerate(config.perplexity):
+        for field in ("text", "test_text"):
+            value = getattr(p, field)
+            if value is not None and not Path(value).is_file():
+                raise EvomergeError(f"perplexity[{i}].{field}: {value} is not a file")
 
 
 def check_fidelity(config: SearchConfig, evaluator: Any) -> None:
@@ -270,6 +328,7 @@ def preflight(config: SearchConfig, config_dir: Path | None = None, evaluator: A
     check_live_model(config, paths[config.base_model])
     dims = dimensions(config, num_layers)
     tensors = check_recipes(config, dims, num_layers, readers)
+    check_texts(config)
     evaluator = evaluator or build_checked_evaluator(config)
     check_tasks(config, evaluator)
     check_objective(config, evaluator)

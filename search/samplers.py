@@ -1,6 +1,6 @@
 """The samplers and pruners a search config names, built over the search's own (fixed) space.
 
-``cmaes``, ``tpe``, ``gp`` and ``random`` are Optuna's. ``cmaes_ipop`` and ``cmaes_bipop`` are CMA-ES with
+``cmaes``, ``tpe``, ``gp``, ``nsga2`` and ``random`` are Optuna's. ``cmaes_ipop`` and ``cmaes_bipop`` are CMA-ES with
 restarts (Auger & Hansen 2005; Hansen 2009), which Optuna's ``CmaEsSampler`` no longer runs (its
 ``restart_strategy`` is deprecated and ignored): a run that has converged, or sits on a plateau of equal
 scores (exact-match metrics make many), starts again from a random point with a larger population (IPOP), or
@@ -33,6 +33,8 @@ __all__ = ["RestartCmaEsSampler", "make_pruner", "make_sampler", "rung_step"]
 # generation scores the same (a plateau the step size cannot leave).
 STAGNATION_GENERATIONS = 6
 SIGMA0 = 1 / 6  # in the unit cube the space is mapped to, as Optuna's CMA-ES starts
+# NSGA-II's generation: Optuna's default (50) would leave a 60-trial search one generation of random points.
+NSGA2_POPULATION = 12
 
 
 def fixed_space(dims: list[Dimension]) -> dict[str, FloatDistribution]:
@@ -163,20 +165,29 @@ class RestartCmaEsSampler(optuna.samplers.BaseSampler):
 
 
 def make_sampler(config: SearchConfig, dims: list[Dimension]) -> optuna.samplers.BaseSampler:
-    """The config's sampler. CMA-ES and TPE learn from pruned trials too (at their last rung's value)."""
-    if config.sampler == "cmaes":
+    """The config's sampler. CMA-ES and TPE learn from pruned trials too (at their last rung's value). TPE,
+    NSGA-II and GP take several objectives, and the constraints the loop sets on each trial
+    (``Trial.set_constraint``); the random sampler ignores both (the report still tells feasible trials apart)."""
+    name = config.sampler_name
+    if name == "cmaes":
         import cmaes  # noqa: F401  imported now (0.7 s, it pulls scipy.stats), not inside the first trial's ask
 
         with warnings.catch_warnings():  # experimental since Optuna 2.0, unchanged since
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return _KnownSpaceCmaEsSampler(dims, seed=config.seed, warn_independent_sampling=False,
                                            consider_pruned_trials=True)
-    if config.sampler in ("cmaes_ipop", "cmaes_bipop"):
-        return RestartCmaEsSampler(dims, seed=config.seed, bipop=config.sampler == "cmaes_bipop")
-    if config.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=config.seed, multivariate=True)
-    if config.sampler == "gp":
-        return optuna.samplers.GPSampler(seed=config.seed, n_startup_trials=min(10, 2 * len(dims) + 1))
+    if name in ("cmaes_ipop", "cmaes_bipop"):
+        return RestartCmaEsSampler(dims, seed=config.seed, bipop=name == "cmaes_bipop")
+    if name == "tpe":
+        # group: a method list makes the space conditional, and TPE then models each method's parameters together
+        with warnings.catch_warnings():  # group: experimental since Optuna 2.8, unchanged since
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(seed=config.seed, multivariate=True, group=len(config.methods) > 1)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=config.seed, n_startup_trials=min(10, 2 * len(dims) + 1),
+                                         warn_independent_sampling=False)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=config.seed, population_size=NSGA2_POPULATION)
     return optuna.samplers.RandomSampler(seed=config.seed)
 
 

@@ -3,6 +3,10 @@
 Each searched parameter becomes one or more float dimensions, one per (model, group | block | control
 point). ``build_recipe`` turns one point of the space into a plain mergekit recipe dict, so every
 candidate the search scores is a recipe a user can merge or hand to mergekit.
+
+With a method list the method is one more dimension, categorical (``METHOD_KEY``), and the space is
+conditional: a parameter's dimensions belong to the listed methods that have the parameter (a weight means the
+same to task arithmetic, TIES and DARE, so they share it), and a trial suggests only its method's.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from merge_core.methods import REQUIRED, get_method
 from search.config import SearchConfig
 
 HANDWRITTEN = {"density": 0.5, "t": 0.5}
+METHOD_KEY = "method"
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,7 @@ class Dimension:
     point: int | None
     low: float
     high: float
+    methods: tuple[str, ...] = ()  # the listed methods that have this parameter
 
 
 def model_labels(models: list[str]) -> dict[str, str]:
@@ -41,12 +47,19 @@ def model_labels(models: list[str]) -> dict[str, str]:
     return labels
 
 
+def method_params(method_name: str) -> tuple[set[str], set[str]]:
+    """(per-model parameters, global parameters) of a method that change its result (``inert`` ones left out)."""
+    method = get_method(method_name)
+    return set(method.model_params) - method.inert, set(method.params) - method.inert
+
+
 def dimensions(config: SearchConfig, num_layers: int) -> list[Dimension]:
-    method = get_method(config.method)
     labels = model_labels(config.models)
     dims = []
     for param, spec in config.parameters.items():
-        owners = config.models if param in method.model_params else [None]
+        having = tuple(m for m in config.methods if param in set.union(*method_params(m))) or tuple(config.methods)
+        per_model = any(param in method_params(m)[0] for m in having)
+        owners = config.models if per_model else [None]
         for model in owners:
             stem = f"{param}[{labels[model]}]" if model else param
             if spec.granularity == "global":
@@ -57,15 +70,22 @@ def dimensions(config: SearchConfig, num_layers: int) -> list[Dimension]:
                 parts = [(f"{stem}.b{b}", None, b, None) for b in range(math.ceil(num_layers / config.block_size))]
             else:
                 parts = [(f"{stem}.p{p}", None, None, p) for p in range(spec.points)]
-            dims += [Dimension(key, param, model, g, b, p, spec.low, spec.high) for key, g, b, p in parts]
+            dims += [Dimension(key, param, model, g, b, p, spec.low, spec.high, having) for key, g, b, p in parts]
     return dims
 
 
-def handwritten_point(config: SearchConfig, dims: list[Dimension]) -> dict[str, float]:
-    """What a user would write by hand: equal weights, density 0.5, t 0.5, other defaults; clipped to bounds."""
-    method = get_method(config.method)
-    point = {}
-    for d in dims:
+def dims_for(dims: list[Dimension], method: str) -> list[Dimension]:
+    """The dimensions a trial of ``method`` suggests."""
+    return [d for d in dims if method in d.methods]
+
+
+def handwritten_point(config: SearchConfig, dims: list[Dimension], method: str | None = None) -> dict[str, Any]:
+    """What a user would write by hand: equal weights, density 0.5, t 0.5, other defaults; clipped to bounds.
+    With a method list, ``method``'s (default: the first listed), the method itself included."""
+    method_name = method or config.methods[0]
+    method = get_method(method_name)
+    point: dict[str, Any] = {METHOD_KEY: method_name} if len(config.methods) > 1 else {}
+    for d in dims_for(dims, method_name):
         default = {**method.model_params, **method.params}.get(d.param)
         if d.param == "weight":
             value = 1.0 / len(config.models)
@@ -92,26 +112,36 @@ def _setting(config: SearchConfig, dims: list[Dimension], values: dict[str, floa
     return conditions + [{"value": values[next(d.key for d in dims if d.group == "rest")]}]
 
 
-def build_recipe(config: SearchConfig, dims: list[Dimension], values: dict[str, float], num_layers: int,
+def point_method(config: SearchConfig, values: dict[str, Any]) -> str:
+    """The merge method of a point: its categorical value with a method list, else the one method."""
+    return values.get(METHOD_KEY, config.methods[0]) if len(config.methods) > 1 else config.methods[0]
+
+
+def build_recipe(config: SearchConfig, dims: list[Dimension], values: dict[str, Any], num_layers: int,
                  paths: dict[str, str] | None = None) -> dict[str, Any]:
     """A mergekit recipe for one point of the space; ``paths`` maps model refs to the paths to write."""
-    method = get_method(config.method)
+    method_name = point_method(config, values)
+    method = get_method(method_name)
     paths = paths or {}
     ref = lambda m: paths.get(m, m)  # noqa: E731
     by_owner: dict[tuple[str, str | None], list[Dimension]] = {}
-    for d in dims:
-        by_owner.setdefault((d.param, d.model), []).append(d)
+    for d in dims_for(dims, method_name):
+        owner = d.model if d.param in method.model_params else None
+        if owner is None and d.model is not None:
+            continue  # a per-model parameter of other methods that this method takes once: not in the space
+        by_owner.setdefault((d.param, owner), []).append(d)
     blocked = any(config.parameters[p].granularity == "blocks" for p in config.parameters)
     uses_base = not method.base_is_input
+    known = {*method.model_params, *method.params}
 
     def params_of(model: str | None, block: int | None) -> dict[str, Any]:
         out = {param: _setting(config, ds, values, block) for (param, owner), ds in by_owner.items()
                if owner == model}
         if model is None:
-            out.update(config.fixed)
+            out.update({k: v for k, v in config.fixed.items() if k in known})
         return out
 
-    recipe: dict[str, Any] = {"merge_method": config.method, "dtype": config.dtype}
+    recipe: dict[str, Any] = {"merge_method": method_name, "dtype": config.dtype}
     if uses_base:
         recipe["base_model"] = ref(config.base_model)
     if not blocked:
@@ -139,27 +169,28 @@ SOURCE_SETTINGS = {"density": 1.0, "lambda": 1.0}
 INERT_AT_FULL_DENSITY = frozenset({"epsilon", "gamma"})  # only shape what density drops
 
 
-def source_points(config: SearchConfig, dims: list[Dimension]) -> dict[str, dict[str, float]]:
+def source_points(config: SearchConfig, dims: list[Dimension]) -> dict[str, dict[str, Any]]:
     """Each source model as a point of the space, by label, where the space holds one (see
     ``SOURCE_REPRODUCING``: weights 0 and 1, density 1 and λ 1 within their bounds, every other searched
     parameter inert there, and for ``linear`` and normalized merges the result unchanged by the other weights);
-    empty otherwise. The search tells the sampler these points with the sources' own scores, as warm starts
-    that cost no evaluation."""
-    if config.method not in SOURCE_REPRODUCING or "weight" not in config.parameters:
+    empty otherwise. With a method list, the point of the first listed method that holds one. The search tells
+    the sampler these points with the sources' own scores, as warm starts that cost no evaluation."""
+    method = next((m for m in config.methods if m in SOURCE_REPRODUCING), None)
+    if method is None or "weight" not in config.parameters:
         return {}
     if any(config.fixed.get(name, value) != value for name, value in SOURCE_SETTINGS.items()):
         return {}  # e.g. a fixed density below 1 drops part of every task vector
-    point_of: dict[str, dict[str, float]] = {}
+    point_of: dict[str, dict[str, Any]] = {}
     labels = model_labels(config.models)
     for source in config.models:
-        point = {}
-        for d in dims:
+        point: dict[str, Any] = {METHOD_KEY: method} if len(config.methods) > 1 else {}
+        for d in dims_for(dims, method):
             if d.param == "weight":
                 value = 1.0 if d.model == source else 0.0
             elif d.param in SOURCE_SETTINGS:
                 value = SOURCE_SETTINGS[d.param]
             elif d.param in INERT_AT_FULL_DENSITY:
-                value = handwritten_point(config, [d])[d.key]
+                value = handwritten_point(config, [d], method)[d.key]
             else:
                 return {}
             if not d.low <= value <= d.high:

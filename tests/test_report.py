@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import optuna
 import pandas as pd
@@ -180,12 +181,26 @@ def test_paired_bootstrap_follows_the_per_document_difference(run):
 
 
 def test_leaderboard_markdown_shows_every_row_with_differences_and_cis(run):
-    lines = (run["dir"] / "leaderboard.md").read_text().splitlines()
+    text = (run["dir"] / "leaderboard.md").read_text()
+    lines = text.split("\n## ")[0].splitlines()  # the leaderboard, before the report's other sections
     table = [line for line in lines if line.startswith("|")]
     assert len(table) == 2 + 7
     assert "attn acc (search)" in table[0] and "[95% CI]" in table[0] and "average (test)" in table[0]
     ft_row = next(line for line in table if line.startswith("| ft"))
     assert re.search(r"\| \+0\.0{3,} \[\+0\.0{3,}, \+0\.0{3,}\] \|", ft_row)
+
+
+def test_report_lists_each_source_with_its_architecture_parameter_count_and_weights_hash(run):
+    import hashlib
+
+    inventory = (run["dir"] / "leaderboard.md").read_text().split("\n## Source models\n")[1]
+    rows = [line.split(" | ") for line in inventory.splitlines() if line.startswith(("| ft", "| base"))]
+    assert len(rows) == 3
+    for cells in rows:
+        path = Path(cells[2])
+        digest = hashlib.sha256(b"model.safetensors\0" + (path / "model.safetensors").read_bytes()).hexdigest()
+        assert cells[6] == digest[:16]
+        assert cells[4] == "LlamaForCausalLM" and int(cells[5].replace(",", "")) > 1000
 
 
 def test_plots_are_nonempty_pngs_embedded_in_the_html(run):

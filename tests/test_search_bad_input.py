@@ -167,6 +167,34 @@ CASES = {
     "--device tpu": ({}, ["--device", "tpu"], "--device: use cpu, cuda or cuda:N, not 'tpu'", None),
     "--storage empty": ({}, ["--storage", ""], "--storage: ", None),
     "--study-name empty": ({}, ["--study-name", ""], "--study-name: ", None),
+    "constraint on an unknown task": ({"constraints": [{"task": "zoo_nope", "no_worse_than": "base"}]}, [],
+                                      "constraints[0].task: 'zoo_nope' is not a task of tasks or perplexity", None),
+    "constraint on a metric the task lacks": (
+        {"constraints": [{"task": "zoo_cap", "metric": "acc", "no_worse_than": "base"}]}, [],
+        "constraints[0].metric: task 'zoo_cap' has no metric 'acc'", None),
+    "constraint against an unknown model": ({"constraints": [{"task": "every", "no_worse_than": "ft9"}]}, [],
+                                            "constraints[0].no_worse_than: 'ft9' is not base, best_source", None),
+    "constraint with a ratio below 1": (
+        {"constraints": [{"task": "zoo_cap", "no_worse_than": "base", "ratio": 0.5}]}, [],
+        "constraints.0.ratio", None),
+    "objective on an unknown task": ({"objectives": ["zoo_cap", "zoo_nope"]}, [],
+                                     "objectives[1]: 'zoo_nope' is not a task of tasks or perplexity", None),
+    "cmaes with two objectives": (
+        {"sampler": "cmaes", "tasks": [{"name": "zoo_cap"}, {"name": "zoo_rev"}], "objectives": ["zoo_cap", "zoo_rev"]},
+        [], "sampler: cmaes cannot serve 2 objectives", None),
+    "pruning two objectives": (
+        {"tasks": [{"name": "zoo_cap"}, {"name": "zoo_rev"}], "objectives": ["zoo_cap", "zoo_rev"],
+         "fidelity": {"rungs": [10, "all"]}}, [], "fidelity: Optuna's pruners compare one objective", None),
+    "slerp in a method list with three models": (
+        {"method": ["task_arithmetic", "slerp"],
+         "parameters": {"weight": {"low": 0, "high": 1}, "t": {"low": 0, "high": 1}}}, [],
+        "method[1]: slerp: slerp needs exactly 2 models (base included), got 3", None),
+    "unknown method in a list": ({"method": ["task_arithmetic", "averaging"]}, [],
+                                 "method[1]: unknown method 'averaging'", None),
+    "method in a list with no searched parameter": (
+        {"method": ["task_arithmetic", "karcher"]}, [], "method: karcher has none of the searched parameters", None),
+    "perplexity text that is not there": ({"perplexity": [{"name": "held", "text": "file/nowhere.txt"}]}, [],
+                                          "perplexity[0].text: ", None),
 }
 if not torch.cuda.is_available():
     CASES["--device cuda without CUDA"] = ({}, ["--device", "cuda"], "device: cuda: CUDA is not available", None)

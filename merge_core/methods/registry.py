@@ -65,7 +65,8 @@ class MergeMethod:
     ``min_models``/``max_models`` count every input model including the base (mergekit's min_inputs and
     max_inputs); ``min_non_base``/``max_non_base`` count the others. ``base_is_input``: the method ignores
     which model is the base and treats it as an ordinary input with its own per-model parameters.
-    ``check(model_params, params)`` validates parameter values before any tensor work.
+    ``check(model_params, params)`` validates parameter values before any tensor work. ``inert``: parameters
+    the method accepts (as mergekit does) but whose value changes nothing, so a search does not sample them.
     """
 
     name: str
@@ -80,6 +81,7 @@ class MergeMethod:
     max_non_base: int | None = None
     base_is_input: bool = False
     check: Callable[[list[dict[str, Any]], dict[str, Any]], None] | None = None
+    inert: frozenset[str] = frozenset()
 
 
 METHODS: dict[str, MergeMethod] = {}
@@ -87,13 +89,13 @@ METHODS: dict[str, MergeMethod] = {}
 
 def register(name: str, *, model_params=None, params=None, requires_base=False, stochastic=False,
              min_models=1, max_models=None, min_non_base=0, max_non_base=None, base_is_input=False,
-             check=None):
+             check=None, inert=()):
     """Decorator: register ``fn`` as merge method ``name``."""
 
     def wrap(fn):
         METHODS[name] = MergeMethod(name, fn, dict(model_params or {}), dict(params or {}), requires_base,
                                     stochastic, min_models, max_models, min_non_base, max_non_base,
-                                    base_is_input, check)
+                                    base_is_input, check, frozenset(inert))
         return fn
 
     return wrap

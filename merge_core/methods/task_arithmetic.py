@@ -260,4 +260,5 @@ VARIANTS = {
 for _name, _variant in VARIANTS.items():
     register(_name, model_params=_variant.model_params,
              params={"int8_mask": False, "normalize": _variant.normalize, "rescale": _variant.rescale, "lambda": 1.0},
-             requires_base=True, stochastic=_variant.stochastic, check=_variant.check)(_variant)
+             requires_base=True, stochastic=_variant.stochastic, check=_variant.check,
+             inert=("density",) if _variant.sparsification is None else ())(_variant)

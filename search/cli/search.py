@@ -38,18 +38,28 @@ def print_outcome(study) -> None:
     from optuna.trial import TrialState
 
     from search.formatting import decimals_for_differences, decimals_to_separate
+    from search.loop import rank_key, rank_value
 
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
     if not complete:
         print(f"no completed trial ({len(failed)} failed)")
         return
-    best = max(complete, key=lambda t: t.value)
+    from search.config import SearchConfig
+    from search.report.pareto import choose_best
+
+    config = SearchConfig.model_validate(study.user_attrs["config"])
+    feasible = [t for t in complete if t.user_attrs.get("feasible", True)]
+    best = choose_best(sorted(complete, key=rank_key), config)[0][0]
+    value = rank_value(best)
     baselines = study.user_attrs.get("baselines", {})
     reference = max(((v["objective"], k) for k, v in baselines.items()), default=(float("nan"), "?"))
-    d = decimals_to_separate([best.value, reference[0]], minimum=4)
-    delta = best.value - reference[0]
-    print(f"{len(complete)} trials complete, {len(failed)} failed; best trial {best.number}: {best.value:.{d}f} "
+    d = decimals_to_separate([value, reference[0]], minimum=4)
+    delta = value - reference[0]
+    what = "average" if len(best.values) > 1 else "objective"
+    constrained = f", {len(feasible) or 'none'} feasible" if config.constraints else ""
+    print(f"{len(complete)} trials complete{constrained}, {len(failed)} failed; best trial {best.number}: "
+          f"{what} {value:.{d}f} "
           f"({delta:+.{decimals_for_differences([delta], minimum=4)}f} vs the best of base and sources, "
           f"{reference[1]}: {reference[0]:.{d}f})")
 

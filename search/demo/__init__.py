@@ -33,7 +33,15 @@ from search.demo.scoring import (
     task_arithmetic,
 )
 from search.demo.spec import DEFAULT_SPEC, TRAINING_CODE, ZOO_SEED_ENV, ZooSpec, default_spec
-from search.demo.task_files import HELD_OUT_TEXT, MC_TASK, TASKS_DIR, task_name, task_yamls, write_tasks
+from search.demo.task_files import (
+    HELD_OUT_TEST_TEXT,
+    HELD_OUT_TEXT,
+    MC_TASK,
+    TASKS_DIR,
+    task_name,
+    task_yamls,
+    write_tasks,
+)
 from search.demo.training import (
     conflicting_name,
     deterministic_torch,
@@ -56,7 +64,8 @@ from search.demo.zoo import (
 )
 
 __all__ = [
-    "DEFAULT_SPEC", "DEFAULT_ZOO_DIR", "HELD_OUT_TEXT", "MAX_ANSWER_TOKENS", "MC_SKILL", "MC_TASK", "MOE_READY_DIR",
+    "DEFAULT_SPEC", "DEFAULT_ZOO_DIR", "HELD_OUT_TEST_TEXT", "HELD_OUT_TEXT", "MAX_ANSWER_TOKENS", "MC_SKILL",
+    "MC_TASK", "MOE_READY_DIR",
     "SKILLS", "TASKS_DIR", "TASK_SEED", "TRAINING_CODE", "ZOO_CACHE_ENV", "ZOO_SEED_ENV",
     "Item", "Zoo", "ZooSpec",
     "build_zoo", "conflicting_name", "default_spec", "deterministic_torch", "ensure_moe_ready_experts", "ensure_zoo",

@@ -27,6 +27,8 @@ def task_name(skill: str) -> str:
 
 MC_TASK = task_name(f"{MC_SKILL}_mc")
 HELD_OUT_TEXT = "data/heldout.txt"
+HELD_OUT_TEST_TEXT = "data/heldout_test.txt"  # other unseen prompts: the held-out text's test split
+TEXT_TASK = task_name("text")  # the held-out texts as an lm-eval perplexity task, one document per line
 
 
 def score_tasks(skills) -> dict[str, str]:
@@ -79,20 +81,32 @@ metric_list:
 """)
 
 
+def _text_yaml() -> str:
+    return _task_yaml("perplexity of held-out lines (lower is better), each line one document.", TEXT_TASK, "text",
+                      "loglikelihood_rolling", """doc_to_target: "{{text}}"
+metric_list:
+  - metric: bits_per_byte
+  - metric: byte_perplexity
+  - metric: word_perplexity
+""")
+
+
 def _mc_row(item: Item, rng: random.Random) -> dict:
     choices = mc_choices(item)
     order = rng.sample(range(len(choices)), len(choices))
     return {"prompt": item.prompt, "choices": [choices[i] for i in order], "label": order.index(0)}
 
 
-def _held_out_text(lines: int = 200) -> str:
-    """Pretraining-like text (the default mix of correct and sloppy answers) on unseen prompts."""
-    rng = random.Random(TASK_SEED + 1000)
+def _held_out_text(lines: int = 200, seed: int = TASK_SEED + 1000, exclude: str = "") -> str:
+    """Pretraining-like text (the default mix of correct and sloppy answers) on unseen prompts, none of
+    them a prompt of ``exclude`` (another held-out text)."""
+    rng = random.Random(seed)
     trained_prompts = held_out_prompts()
+    taken = {line.split("=")[0] + "=" for line in exclude.splitlines()}
     rows = []
     while len(rows) < lines:
         item = SKILLS[rng.choice(sorted(SKILLS))](rng)
-        if item.prompt not in trained_prompts:
+        if item.prompt not in trained_prompts and item.prompt not in taken:
             rows.append(item.prompt + (item.answer if rng.random() < DEFAULT_SPEC.correct_share else item.sloppy))
     return "\n".join(rows) + "\n"
 
@@ -123,7 +137,14 @@ def write_tasks(tasks_dir: Path = TASKS_DIR) -> list[Path]:
     write(f"{MC_TASK}.yaml", _mc_yaml())
     for split in ("search", "test"):
         write(f"data/{MC_SKILL}_mc_{split}.jsonl", jsonl([_mc_row(i, rng) for i in mc_items(split)]))
-    write(HELD_OUT_TEXT, _held_out_text())
+    texts = {"search": _held_out_text()}
+    texts["test"] = _held_out_text(seed=TASK_SEED + 2000, exclude=texts["search"])
+    write(HELD_OUT_TEXT, texts["search"])
+    write(HELD_OUT_TEST_TEXT, texts["test"])
+    write(f"{TEXT_TASK}.yaml", _text_yaml())
+    for split, text in texts.items():
+        write(f"data/text_{split}.jsonl",
+              jsonl([{"prompt": line.split("=")[0] + "=", "text": line} for line in text.splitlines()]))
     return written
 
 

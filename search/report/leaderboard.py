@@ -19,12 +19,15 @@ from evaluators.command import write_json_atomically
 from merge_core.errors import EvomergeError
 from search.config import SearchConfig
 from search.formatting import decimals_for_differences, decimals_to_separate
-from search.loop import objective_of, open_workbench
+from search.loop import open_workbench
+from search.objectives import Objective, anchors_from, describe_objective
 from search.preflight import build_evaluator
 from search.report.statistics import ci_method, paired_bootstrap, task_metrics
+from search.space import point_method
 
 __all__ = ["SPLITS", "TEST_CACHE", "Row", "display_frame", "leaderboard_frame", "leaderboard_notes",
-           "leaderboard_rows", "markdown_table", "perplexity_flags", "reference_row", "score_test_split"]
+           "leaderboard_rows", "markdown_table", "perplexity_flags", "rank_score", "ranked_tasks", "reference_row",
+           "score_test_split", "split_baselines", "split_objective"]
 
 TEST_CACHE = "test_scores.json"
 SPLITS = ("search", "test")
@@ -46,8 +49,10 @@ class Row:
         return self.trial.user_attrs["recipe"] if self.trial else None
 
 
-def leaderboard_rows(study: optuna.Study, ranked: list[FrozenTrial], top_k: int) -> list[Row]:
-    """Base, sources, the hand-written first trial, then the best and the rest of the top-k trials."""
+def leaderboard_rows(study: optuna.Study, ranked: list[FrozenTrial], top_k: int,
+                     config: SearchConfig | None = None) -> list[Row]:
+    """Base, sources, the hand-written first trial, then the best and the rest of the top-k trials, and with a
+    method list the best trial of each other method (the method rationale compares them on the test split)."""
     baselines = study.user_attrs.get("baselines", {})
     models = sorted(baselines.items(), key=lambda item: not item[1]["is_base"])
     rows = [Row(label, "base" if b["is_base"] else "source", Scores.from_dict(b["scores"]), model=b["model"])
@@ -62,6 +67,10 @@ def leaderboard_rows(study: optuna.Study, ranked: list[FrozenTrial], top_k: int)
             roles[trial.number].append(f"source {trial.user_attrs['source']} as a recipe")
     by_number = {t.number: t for t in ranked}
     order = ([handwritten.number] if handwritten else []) + [t.number for t in ranked[:top_k]]
+    if config is not None and len(config.methods) > 1:
+        for method, trial in best_per_method(ranked, config).items():
+            roles.setdefault(trial.number, []).append(f"best {method}")
+            order.append(trial.number)
     for number in dict.fromkeys(order):
         trial = by_number[number]
         rows.append(Row(f"trial {number}", ", ".join(roles[number]), Scores.from_dict(trial.user_attrs["scores"]),
@@ -122,10 +131,43 @@ def _read_test_cache(path: Path) -> dict[str, Any]:
     return cache
 
 
+def best_per_method(ranked: list[FrozenTrial], config: SearchConfig) -> dict[str, FrozenTrial]:
+    """The best-ranked trial of each method tried (``ranked``: best first)."""
+    best: dict[str, FrozenTrial] = {}
+    for trial in ranked:
+        best.setdefault(point_method(config, trial.params), trial)
+    return best
+
+
+def split_baselines(rows: list[Row], split: str) -> dict[str, Scores]:
+    """The base's and the sources' scores on one split, by label."""
+    return {r.name: getattr(r, split) for r in rows if r.role in ("base", "source") and getattr(r, split) is not None}
+
+
+def split_objective(rows: list[Row], config: SearchConfig, split: str) -> Objective:
+    """The objective with its anchors (the base and the best source per task) from this split's baselines."""
+    baselines = split_baselines(rows, split)
+    base = next((r.name for r in rows if r.role == "base"), None)
+    if base is None or base not in baselines:
+        return Objective(config)
+    return Objective(config, anchors_from(baselines, base, config))
+
+
+def ranked_tasks(config: SearchConfig) -> list[str]:
+    """The tasks of what ranks trials: the single objective's, or every task of the average."""
+    return config.objective_groups[0][1] if not config.multi_objective else [t.name for t in config.tasks]
+
+
+def rank_score(objective: Objective, scores: Scores) -> float:
+    """What ranks a model on one split (``search.loop.rank_value`` for a trial's stored values)."""
+    return objective.group_value(scores, ranked_tasks(objective.config))
+
+
 def reference_row(rows: list[Row], config: SearchConfig) -> Row | None:
     """What a merge must beat: the best of the base and the sources on the search split."""
     starts = [r for r in rows if r.role in ("base", "source")]
-    return max(starts, key=lambda r: objective_of(r.search, config), default=None)
+    objective = split_objective(rows, config, "search")
+    return max(starts, key=lambda r: rank_score(objective, r.search), default=None)
 
 
 def _probability(scores: Scores, task: str, metric: str) -> float | None:
@@ -152,6 +194,8 @@ def leaderboard_frame(rows: list[Row], config: SearchConfig) -> pd.DataFrame:
     a paired bootstrap 95% CI. Rows that break a perplexity get a ``flag``."""
     reference = reference_row(rows, config)
     splits = [s for s in SPLITS if all(getattr(r, s) is not None for r in rows)]
+    objectives = {split: split_objective(rows, config, split) for split in splits}
+    tasks = ranked_tasks(config)
     flags: dict[str, str] = {}
     for split in splits:
         for name, flag in perplexity_flags(rows, config, split).items():
@@ -162,13 +206,20 @@ def leaderboard_frame(rows: list[Row], config: SearchConfig) -> pd.DataFrame:
                                   "trial": row.trial.number if row.trial else None}
         for split in splits:
             scores: Scores = getattr(row, split)
-            for task, metric, _ in task_metrics(config, scores):
+            objective = objectives[split]
+            for task, metric in scored_metrics(config, scores):
                 record[f"{task} {metric} ({split})"] = scores.value(task, metric)
-            record[f"average ({split})"] = objective_of(scores, config)
+            if config.multi_objective:
+                for (name, _), value in zip(config.objective_groups, objective.values(scores)):
+                    record[f"{name} ({split})"] = value
+            record[f"{_rank_column(config)} ({split})"] = rank_score(objective, scores)
+            if config.constraints:
+                margins = objective.margins(scores, split_baselines(rows, split))
+                record[f"feasible ({split})"] = "yes" if all(m >= 0 for m in margins) else "no"
             if reference is not None:
                 ref_scores = getattr(reference, split)
-                low, high = paired_bootstrap(scores, ref_scores, config)
-                delta = objective_of(scores, config) - objective_of(ref_scores, config)
+                low, high = paired_bootstrap(scores, ref_scores, config, objective=objective, tasks=tasks)
+                delta = rank_score(objective, scores) - rank_score(objective, ref_scores)
                 record[f"Δ vs {reference.name} ({split})"] = delta
                 record[f"Δ CI low ({split})"], record[f"Δ CI high ({split})"] = low, high
         if flags:
@@ -179,6 +230,20 @@ def leaderboard_frame(rows: list[Row], config: SearchConfig) -> pd.DataFrame:
     return frame
 
 
+def _rank_column(config: SearchConfig) -> str:
+    """The leaderboard column that ranks: ``average``, or the single objective's name."""
+    return "average" if not config.objectives or config.multi_objective else config.objective_groups[0][0]
+
+
+def scored_metrics(config: SearchConfig, scores: Scores) -> list[tuple[str, str]]:
+    """(task, metric) of every task scored, the objective's metric first, then the constraints' others."""
+    from search.objectives import task_metric
+
+    pairs = [(task, task_metric(config, scores, task)) for task in config.scored_tasks if task in scores.tasks]
+    pairs += [(c.task, c.metric) for c in config.constraints if c.metric and c.task in scores.tasks]
+    return list(dict.fromkeys(pairs))
+
+
 def display_frame(frame: pd.DataFrame) -> pd.DataFrame:
     """The leaderboard as text: per column, enough decimals (at least 3) to tell its rows apart, each
     difference with two significant digits and its CI in one cell ("no CI" where none can be computed)."""
@@ -186,7 +251,7 @@ def display_frame(frame: pd.DataFrame) -> pd.DataFrame:
     for column in frame.columns[3:]:
         if column.startswith("Δ CI "):
             continue
-        if column == "flag":
+        if column == "flag" or column.startswith("feasible ("):
             shown[column] = frame[column]
         elif column.startswith("Δ vs "):
             split = column.rsplit("(", 1)[1]
@@ -211,17 +276,19 @@ def markdown_table(frame: pd.DataFrame) -> str:
 
 
 def leaderboard_notes(frame: pd.DataFrame, rows: list[Row], config: SearchConfig) -> list[str]:
-    """What the leaderboard's Δ and CI columns mean, per task metric of the objective."""
+    """What the leaderboard's columns mean: the objective, Δ and its CI per task metric, feasibility."""
     reference = frame.attrs.get("reference")
-    notes = [f"Δ: difference of the objective (the weighted average) to {reference}, the best of the base and "
-             "the sources on the search split. CI: paired bootstrap 95% over documents, per task metric:"
-             if reference else "Δ: no base or source was scored."]
+    ranked = _rank_column(config)
+    notes = [f"{ranked}: {describe_objective(config)}."]
+    notes.append(f"Δ: difference of {ranked} to {reference}, the best of the base and the sources on the search split. "
+                 "CI: paired bootstrap 95% over documents, per task metric:"
+                 if reference else "Δ: no base or source was scored.")
     scores = rows[0].search
-    notes += [f"{task} {metric}: {ci_method(scores, task, metric)}"
-              for task, metric, _ in task_metrics(config, scores)]
-    lower = sorted({m for _, m, _ in task_metrics(config, scores) if m.split(",")[0] in PROBABILITY_FORMS})
-    if lower:
+    notes += [f"{task} {metric}: {ci_method(scores, task, metric)}" for task, metric in scored_metrics(config, scores)]
+    lower = sorted({m for _, m in scored_metrics(config, scores) if m.split(",")[0] in PROBABILITY_FORMS})
+    if lower and config.objective_scale == "raw":
         notes.append(f"Lower-is-better {', '.join(lower)} enter the objective as the geometric-mean probability "
                      "per unit (1/perplexity, 2^-bits_per_byte); the task columns show the metric itself.")
+    if config.constraints:
+        notes.append("feasible: every constraint holds on that split, against that split's base and sources.")
     return notes
-

@@ -15,12 +15,14 @@ from merge_core.engine import open_sources
 from merge_core.plan import plan_merge
 from merge_core.recipe import load_recipe
 from search.config import SearchConfig
+from search.loop import rank_value
 from search.report.leaderboard import SPLITS, Row
+from search.report.pareto import feasible
 from search.report.statistics import task_metrics
 from search.space import model_labels
 
 __all__ = ["layer_profile", "parameter_importances", "plot_history", "plot_importances", "plot_layer_profile",
-           "plot_tasks"]
+           "plot_pareto", "plot_tasks"]
 
 MIN_TRIALS_FOR_IMPORTANCE = 10
 MAX_IMPORTANCES_SHOWN = 20
@@ -47,14 +49,15 @@ def plot_history(ranked: list[FrozenTrial], baselines: dict[str, Any], path: Pat
     plt = _pyplot()
     trials = sorted(ranked, key=lambda t: t.number)
     numbers = [t.number for t in trials]
-    values = np.array([t.value for t in trials])
+    values = np.array([rank_value(t) for t in trials])
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.scatter(numbers, values, s=16, alpha=0.6, label="trial")
     ax.step(numbers, np.maximum.accumulate(values), where="post", color="black", label="best so far")
     for i, (label, b) in enumerate(baselines.items()):
         ax.axhline(b["objective"], linestyle="--", linewidth=1, color=f"C{i + 1}",
                    label=f"{label} ({'base' if b['is_base'] else 'source'})")
-    ax.set(xlabel="trial", ylabel="objective (search split)", title="Optimization history")
+    measure = "average" if trials and len(trials[0].values) > 1 else "objective"
+    ax.set(xlabel="trial", ylabel=f"{measure} (search split)", title="Optimization history")
     ax.legend(fontsize=8, loc="lower right")
     return _save(fig, path)
 
@@ -118,13 +121,14 @@ def plot_layer_profile(profile: pd.DataFrame, path: Path) -> Path:
 
 
 def parameter_importances(study: optuna.Study) -> dict[str, float] | None:
-    """fANOVA importances (seeded, so reports are stable), or None with too few trials to mean anything."""
+    """fANOVA importances (seeded, so reports are stable) for what ranks trials (``rank_value``), or None with
+    too few trials to mean anything."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if len(complete) < MIN_TRIALS_FOR_IMPORTANCE:
         return None
     try:
         return optuna.importance.get_param_importances(
-            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), target=rank_value)
     except (RuntimeError, ValueError):  # e.g. every trial has the same parameters
         return None
 
@@ -137,3 +141,39 @@ def plot_importances(importances: dict[str, float], path: Path) -> Path:
     ax.set(xlabel="importance (fANOVA)", title="Parameter importances")
     return _save(fig, path)
 
+
+def plot_pareto(trials: list[FrozenTrial], front: list[FrozenTrial], best: FrozenTrial, config: SearchConfig,
+                baselines: dict, path: Path) -> Path:
+    """Two objectives: every trial (infeasible ones as crosses), the front as a line, the base and sources as
+    labelled points. More: parallel coordinates, one line per Pareto trial over the objectives."""
+    plt = _pyplot()
+    names = [name for name, _ in config.objective_groups]
+    fig, ax = plt.subplots(figsize=(7, 5))
+    if len(names) == 2:
+        ok = [t for t in trials if feasible(t)]
+        bad = [t for t in trials if not feasible(t)]
+        ax.scatter([t.values[0] for t in ok], [t.values[1] for t in ok], s=16, alpha=0.5, label="trial")
+        if bad:
+            ax.scatter([t.values[0] for t in bad], [t.values[1] for t in bad], s=16, marker="x", color="grey",
+                       alpha=0.6, label="infeasible trial")
+        line = sorted(front, key=lambda t: t.values[0])
+        ax.plot([t.values[0] for t in line], [t.values[1] for t in line], "o-", color="black", label="Pareto front")
+        ax.scatter([best.values[0]], [best.values[1]], s=120, marker="*", color="C3", zorder=5, label="best")
+        for i, (label, b) in enumerate(baselines.items()):
+            if len(b.get("values", [])) == 2:
+                role = "base" if b["is_base"] else "source"
+                ax.scatter(*b["values"], marker="s", color=f"C{i + 4}", label=f"{label} ({role})")
+        ax.set(xlabel=names[0], ylabel=names[1], title="Objectives (search split)")
+    else:
+        x = np.arange(len(names))
+        for trial in front:
+            style = dict(color="C3", linewidth=2.5, label=f"best (trial {trial.number})") if trial is best else dict(
+                color="C0", alpha=0.5)
+            ax.plot(x, trial.values, marker="o", **style)
+        for i, (label, b) in enumerate(baselines.items()):
+            if len(b.get("values", [])) == len(names):
+                ax.plot(x, b["values"], linestyle="--", color=f"C{i + 4}", label=label)
+        ax.set_xticks(x, names)
+        ax.set(ylabel="objective value", title=f"Pareto front ({len(front)} trials), parallel coordinates")
+    ax.legend(fontsize=8)
+    return _save(fig, path)

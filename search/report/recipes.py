@@ -9,20 +9,25 @@ from optuna.trial import FrozenTrial
 
 from merge_core.engine import merge as merge_to_disk
 from merge_core.recipe import Provenance, load_recipe, model_card
+from search.loop import rank_value
 
 __all__ = ["export_recipe", "export_top_recipes", "write_best_model"]
 
 
-def export_recipe(trial: FrozenTrial, path: Path, *, storage: str, study: str, rank: int = 1) -> Path:
+def export_recipe(trial: FrozenTrial, path: Path, *, storage: str, study: str, rank: int | None = 1) -> Path:
     """The trial's recipe as a self-contained YAML file: provenance in the ``evomerge:`` block (whose seed
-    ``evomerge merge`` uses; mergekit ignores the block) and a comment header for people."""
+    ``evomerge merge`` uses; mergekit ignores the block) and a comment header for people. ``rank`` None: a
+    Pareto trial, which has no rank."""
     data = copy.deepcopy(trial.user_attrs["recipe"])
     stored = data.get("evomerge") or {}
+    value = rank_value(trial)
     data["evomerge"] = Provenance(version=stored.get("version"), seed=stored.get("seed"), storage=storage,
-                                  study=study, trial=trial.number, objective=trial.value).model_dump(exclude_none=True)
+                                  study=study, trial=trial.number, objective=value).model_dump(exclude_none=True)
     recipe = load_recipe(data)
-    header = (f"# evomerge recipe #{rank} of study {study!r}: trial {trial.number}, "
-              f"objective {trial.value:.6g} on the search split\n"
+    what = f"#{rank}" if rank is not None else "on the Pareto front"
+    objectives = (f" (objectives {', '.join(f'{v:.6g}' for v in trial.values)})" if len(trial.values) > 1 else "")
+    header = (f"# evomerge recipe {what} of study {study!r}: trial {trial.number}, "
+              f"{'average' if len(trial.values) > 1 else 'objective'} {value:.6g} on the search split{objectives}\n"
               f"# Reproduce the evaluated weights: evomerge merge {path.name} OUT_DIR "
               f"(mergekit also accepts this file)\n")
     path.write_text(header + recipe.to_yaml())

@@ -12,7 +12,7 @@ from merge_core.checkpoint import resolve_model_path
 from merge_core.errors import EvomergeError
 from merge_core.recipe import validate
 from search.config import SearchConfig
-from search.loop import public_url
+from search.loop import public_url, rank_key
 from search.space import model_labels
 
 __all__ = ["SQLITE_HEADER", "close_storage", "completed_trials", "load_evomerge_study", "open_storage_read_only",
@@ -118,12 +118,12 @@ def study_config(study: optuna.Study) -> SearchConfig:
 
 
 def completed_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """Completed trials, best first (ties: earliest first)."""
+    """Completed trials, best first by ``rank_value`` (ties: earliest first)."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         counts = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,)))
                   for s in (TrialState.RUNNING, TrialState.FAIL)}
         raise EvomergeError(f"study {study.study_name!r} has no completed trial yet "
                             f"({counts['running']} running, {counts['fail']} failed)")
-    return sorted(complete, key=lambda t: (-t.value, t.number))
+    return sorted(complete, key=rank_key)
 
