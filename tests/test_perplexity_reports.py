@@ -156,11 +156,11 @@ def test_a_lower_is_better_metric_without_units_has_no_ci_and_says_so():
 
 
 def test_progress_shows_the_best_its_difference_to_the_best_start_model_and_enough_decimals():
-    done = [SimpleNamespace(state=TrialState.COMPLETE, value=v) for v in (0.16113, 0.15871)]
-    last = SimpleNamespace(state=TrialState.COMPLETE, value=0.15871, number=7, user_attrs={})
+    done = [SimpleNamespace(state=TrialState.COMPLETE, values=[v], user_attrs={}) for v in (0.16113, 0.15871)]
+    last = SimpleNamespace(state=TrialState.COMPLETE, values=[0.15871], number=7, user_attrs={})
     assert progress_status(done, last, (0.15993, "base")) == "best 0.161 (+0.0012 vs base 0.160) · trial 7: 0.159"
-    done = [SimpleNamespace(state=TrialState.COMPLETE, value=v) for v in (0.16113, 0.16108)]
-    last = SimpleNamespace(state=TrialState.COMPLETE, value=0.16108, number=8, user_attrs={})
+    done = [SimpleNamespace(state=TrialState.COMPLETE, values=[v], user_attrs={}) for v in (0.16113, 0.16108)]
+    last = SimpleNamespace(state=TrialState.COMPLETE, values=[0.16108], number=8, user_attrs={})
     assert progress_status(done, last, (0.16112, "base")) == (
         "best 0.16113 (+0.000010 vs base 0.16112) · trial 8: 0.16108")
 
