@@ -99,10 +99,10 @@ class LoraFactors:
 
     def delta(self, dtype: torch.dtype, device: str | torch.device) -> Tensor:
         """The update in ``dtype``, computed as PEFT computes it (product first, then the scale)."""
-        b = self.b.to(device=device, dtype=dtype)
-        a = self.a.to(device=device, dtype=dtype)
-        product = b @ a
-        return (product.T if self.transpose else product) * self.scale
+        product = self.b.to(device=device, dtype=dtype) @ self.a.to(device=device, dtype=dtype)
+        if self.transpose:
+            product = product.T.contiguous()
+        return product.mul_(self.scale)
 
 
 @dataclass
@@ -290,8 +290,8 @@ class LoraSource:
             if name in self.adapter.factors:
                 update = self.adapter.factors[name].delta(wide, device)
             else:
-                update = self.adapter.bias_updates[name].to(device=device, dtype=wide)
-            merged = (weight.to(wide) + update).to(stored)
+                update = self.adapter.bias_updates[name].to(device=device, dtype=wide, copy=True)
+            merged = update.add_(weight.to(wide)).to(stored)  # the update is this call's own: added into
         else:
             return self.base.get(name, dtype=dtype, device=device)
         return merged.to(dtype=dtype or stored)

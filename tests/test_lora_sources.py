@@ -66,6 +66,10 @@ def fam(tmp_path_factory):
     paths["gpt2_base"] = gpt2
     paths["gpt2_lora"] = make_adapter(gpt2, root / "gpt2_lora", seed=9, targets=["c_attn", "c_fc"],
                                       fan_in_fan_out=True)
+    qwen2 = make_family(root, "qwen2", n_finetunes=0)["base"]
+    paths["qwen2_base"] = qwen2
+    paths["qwen2_lora_bias"] = make_adapter(qwen2, root / "qwen2_lora_bias", seed=10, targets=["q_proj", "v_proj"],
+                                            lora_bias=True)
     return {k: str(v) for k, v in paths.items()}
 
 
@@ -148,6 +152,14 @@ def test_fan_in_fan_out_adapter_of_gpt2_conv1d_equals_mergekit(fam, tmp_path):
     recipe = {"merge_method": "task_arithmetic", "base_model": fam["gpt2_base"],
               "models": [{"model": fam["gpt2_lora"], "parameters": {"weight": 0.8}}]}
     assert_equals_mergekit(recipe, tmp_path, {fam["gpt2_lora"]})
+
+
+def test_lora_bias_adds_its_scaled_bias_to_the_base_bias_as_mergekit(fam, tmp_path):
+    recipe = {"merge_method": "task_arithmetic", "base_model": fam["qwen2_base"],
+              "models": [{"model": fam["qwen2_lora_bias"], "parameters": {"weight": 1.0}}]}
+    got = assert_equals_mergekit(recipe, tmp_path, {fam["qwen2_lora_bias"]})
+    base = load_weights(fam["qwen2_base"])
+    assert not torch.equal(got["model.layers.0.self_attn.q_proj.bias"], base["model.layers.0.self_attn.q_proj.bias"])
 
 
 def test_task_vector_is_b_times_a_times_alpha_over_r(fam):
