@@ -222,6 +222,22 @@ def test_a_search_over_adapters_validates_and_runs_in_memory(fam, tmp_path):
     assert {m["model"] for m in best["models"]} <= {fam["base"], fam["lora1"], fam["rslora"]}
 
 
+def test_a_search_config_refuses_an_adapter_as_base_model_and_an_adapter_of_another_base(fam, tmp_path, capsys):
+    from search.cli import main
+
+    def validate(**entries) -> str:
+        data = {"name": "lora", "method": "task_arithmetic", "parameters": {"weight": {"low": 0.0, "high": 1.0}},
+                "tasks": [{"name": "zoo_cap"}], "include_path": TASKS, "output_dir": str(tmp_path / "run"),
+                **entries}
+        path = tmp_path / "search.yaml"
+        path.write_text(yaml.safe_dump(data))
+        assert main(["validate", str(path)]) == 2
+        return capsys.readouterr().err.strip()
+
+    assert "base_model: " in validate(base_model=fam["lora1"], models=[fam["lora2"]])
+    assert f"trained on {fam['ft1']}" in validate(base_model=fam["base"], models=[fam["lora1"], fam["ft1_lora"]])
+
+
 def evomerge(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "search.cli", *map(str, args)], capture_output=True, text=True)
 
