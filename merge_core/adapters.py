@@ -304,30 +304,26 @@ class LoraSource:
 # --------------------------------------------------------------------------------------------- opening
 
 
-def _base_identity(ref: str, path: Path) -> tuple[str | None, Path]:
-    """(hub id or None, directory) of a model: its hub id when given as one or found in the HF cache."""
-    name = ref.rsplit("@", 1)[0]
-    if not Path(name).expanduser().is_dir() and name.count("/") == 1 and not name.startswith((".", "/", "~")):
-        return name, path
+def _hub_id(path: Path) -> str | None:
+    """The hub id of a model directory that is a snapshot in the HF cache (``models--ORG--NAME/…``)."""
     cached = next((p.name for p in path.parents if p.name.startswith("models--")), None)
-    hub = cached.removeprefix("models--").replace("--", "/", 1) if cached else None
-    return hub, path
+    return cached.removeprefix("models--").replace("--", "/", 1) if cached else None
 
 
 def check_adapter_base(adapter: LoraAdapter, adapter_ref: str, base_ref: str, base_path: Path) -> None:
     """An adapter names the model it was trained on; when that can be compared with the base it is applied
-    to here (both local directories, or both hub ids), they must be the same model."""
+    to here (both local directories, or a hub id and a base read from the hub), they must be the same model."""
     declared = adapter.base_model
     if not declared:
         return
-    hub, directory = _base_identity(base_ref, base_path)
+    hub = _hub_id(base_path)
     declared_dir = Path(declared).expanduser()
-    if declared_dir.is_dir():
-        same = declared_dir.resolve() == directory.resolve()
+    if declared_dir.is_dir() and hub is None:
+        same = declared_dir.resolve() == base_path.resolve()
     elif declared.count("/") == 1 and not declared.startswith((".", "/", "~")) and hub is not None:
         same = declared.rsplit("@", 1)[0] == hub
     else:
-        return  # a path of another machine, or a hub id against a plain directory: nothing to compare
+        return  # a path of another machine, or a hub id against a local directory: nothing to compare
     if not same:
         raise EvomergeError(f"model {adapter_ref}: the adapter was trained on {declared} "
                             f"(its base_model_name_or_path), but its base here is {base_ref}")

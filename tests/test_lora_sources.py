@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from merge_core import load_recipe, merge
 from merge_core.adapters import SourceOpener
+from merge_core.errors import EvomergeError
 from tests.families import make_family
 
 mergekit = pytest.importorskip("mergekit")
@@ -287,6 +288,29 @@ def test_bad_adapters_are_one_line_exit_2_and_write_nothing(fam, tmp_path):
         assert len(lines) == 1 and "Traceback" not in result.stderr, f"{case}: {result.stderr}"
         assert expected in lines[0], f"{case}: {lines[0]}"
         assert not out.exists(), case
+
+
+def test_the_declared_base_is_compared_only_where_it_can_be(tmp_path):
+    from merge_core.adapters import LoraAdapter, check_adapter_base
+
+    snapshot = tmp_path / "hub" / "models--org--llama" / "snapshots" / "0123abc"
+    local = tmp_path / "local_llama"
+    for directory in (snapshot, local):
+        directory.mkdir(parents=True)
+
+    def check(declared: str, base_ref: str, base_path: Path) -> None:
+        check_adapter_base(LoraAdapter(tmp_path / "adapter", declared), "adapter", base_ref, base_path)
+
+    check("org/llama", "org/llama", snapshot)
+    check("org/llama@main", "org/llama", snapshot)
+    check(str(local), str(local), local)
+    check("org/llama", str(local), local)  # a hub id against a local directory: cannot be compared
+    check(str(local), "org/llama", snapshot)
+    check("/home/someone/llama", str(local), local)  # a directory of another machine
+    with pytest.raises(EvomergeError, match="trained on org/mistral .* but its base here is org/llama"):
+        check("org/mistral", "org/llama", snapshot)
+    with pytest.raises(EvomergeError, match=f"trained on {snapshot}"):
+        check(str(snapshot), str(local), local)
 
 
 def test_rslora_scale_is_alpha_over_sqrt_r(fam):
