@@ -18,13 +18,12 @@ from typing import Any, Callable
 import torch
 
 from merge_core import chat_templates
+from merge_core.adapters import SourceOpener
 from merge_core.checkpoint import (
-    CheckpointReader,
     ShardedWriter,
     atomic_output_dir,
     copy_tokenizer_files,
     parse_size,
-    resolve_model_path,
 )
 from merge_core.errors import EvomergeError
 from merge_core.memory import reuse_freed_memory
@@ -67,9 +66,14 @@ class BackgroundWrites:
 
 
 def open_sources(recipe: Recipe, *, allow_pickle: bool = False, recipe_dir: Path | None = None
-                 ) -> dict[str, CheckpointReader]:
-    return {ref: CheckpointReader(resolve_model_path(ref, recipe_dir), allow_pickle=allow_pickle)
-            for ref in recipe.referenced_models()}
+                 ) -> dict[str, Source]:
+    """Every model the recipe reads, each directory opened once: model directories as checkpoint readers,
+    LoRA adapters (``BASE+ADAPTER``, or an adapter directory over the recipe's base_model) as the base
+    with the adapter applied tensor by tensor (``merge_core.adapters``)."""
+    opener = SourceOpener(recipe_dir, allow_pickle=allow_pickle)
+    slices = recipe.input_form()[1] or []
+    base = recipe.base_model or next((s.base_model for s in slices if s.base_model), None)
+    return {ref: opener.open(ref, base) for ref in recipe.referenced_models()}
 
 
 def _generator(seed: int | None, name: str, device: str) -> torch.Generator | None:

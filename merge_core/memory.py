@@ -55,3 +55,19 @@ class TensorSource:
 
     def get(self, name: str, dtype: torch.dtype | None = None, device: str = "cpu") -> torch.Tensor:
         return self.tensors[name].to(device=device, dtype=dtype or self.tensors[name].dtype)
+
+
+def load_in_memory(sources: dict, dtype: torch.dtype | None = None, device: str = "cpu") -> dict:
+    """Every source in memory, each underlying model once: a source layered over another (a LoRA adapter
+    over its base, which has ``base`` and ``with_base``) keeps only its own small tensors and reads its
+    base's tensors from the one copy, so a search over adapters of one base holds one model, not one each."""
+    loaded: dict[int, TensorSource] = {}
+
+    def load(source):
+        if hasattr(source, "with_base"):
+            return source.with_base(load(source.base), dtype, device)
+        if id(source) not in loaded:
+            loaded[id(source)] = TensorSource.load(source, dtype=dtype, device=device)
+        return loaded[id(source)]
+
+    return {ref: load(source) for ref, source in sources.items()}

@@ -31,11 +31,12 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, ProgrammingError, SQLAlchemyError
 
+from merge_core.adapters import SourceOpener, resolve_source, split_ref
 from merge_core.architecture import count_layers
-from merge_core.checkpoint import CheckpointReader, resolve_model_path
 from merge_core.engine import merge_into
 from merge_core.errors import EvomergeError
-from merge_core.memory import TensorSource
+from merge_core.memory import load_in_memory
+from merge_core.plan import Source
 from merge_core.recipe import load_recipe
 from merge_core.runtime import DTYPES, progress_bar
 from search._optuna_compat import heartbeat, rdb_backend, set_user_attrs_in_one_transaction, storage_of, trial_id
@@ -197,7 +198,7 @@ class Workbench:
 
     config: SearchConfig
     paths: dict[str, str]
-    sources: dict[str, TensorSource]
+    sources: dict[str, Source]  # in memory: TensorSource, or LoraSource over the base's TensorSource
     model: Any
     tokenizer: Any
     evaluator: Any
@@ -257,7 +258,7 @@ class Workbench:
 
 
 def resolve_paths(config: SearchConfig, config_dir: Path | None) -> dict[str, str]:
-    return {ref: str(resolve_model_path(ref, config_dir)) for ref in [config.base_model, *config.models]}
+    return {ref: resolve_source(ref, config_dir) for ref in [config.base_model, *config.models]}
 
 
 def self_contained(config: SearchConfig, config_dir: Path | None) -> SearchConfig:
@@ -266,6 +267,9 @@ def self_contained(config: SearchConfig, config_dir: Path | None) -> SearchConfi
     def local(path: str | None) -> str | None:
         if path is None or Path(path).is_absolute():
             return path
+        model, adapter = split_ref(path, config_dir)
+        if adapter is not None:
+            return f"{local(model)}+{local(adapter)}"
         for candidate in (Path(path), (config_dir / path) if config_dir else None):
             if candidate is not None and candidate.exists():
                 return str(candidate.resolve())
@@ -281,10 +285,11 @@ def open_workbench(config: SearchConfig, config_dir: Path | None = None, evaluat
 
     paths = resolve_paths(config, config_dir)
     dtype = DTYPES[config.dtype]
-    readers = {ref: CheckpointReader(path) for ref, path in paths.items()}
+    opener = SourceOpener()
+    readers = {ref: opener.open(path, paths[config.base_model]) for ref, path in paths.items()}
     base = readers[config.base_model]
     num_layers = count_layers(base.names, base.config, config.base_model)
-    sources = {ref: TensorSource.load(r, dtype=dtype, device=config.device) for ref, r in readers.items()}
+    sources = load_in_memory(readers, dtype=dtype, device=config.device)
     model = AutoModelForCausalLM.from_pretrained(paths[config.base_model], dtype=dtype).to(config.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(paths[config.base_model])
     bench = Workbench(config, paths, sources, model, tokenizer, evaluator or build_evaluator(config), num_layers)

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from merge_core.adapters import SourceOpener, is_adapter, resolve_source, split_ref
 from merge_core.architecture import count_layers
-from merge_core.checkpoint import CheckpointReader, check_writable_dir, resolve_model_path
+from merge_core.checkpoint import check_writable_dir
 from merge_core.errors import EvomergeError
 from merge_core.methods import check_inputs, get_method
-from merge_core.plan import plan_merge
+from merge_core.plan import Source, plan_merge
 from merge_core.recipe import load_recipe
 from merge_core.runtime import check_device
 from search.config import EVERY_TASK, SearchConfig
@@ -102,7 +103,15 @@ def root_cause(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def check_models(config: SearchConfig, paths: dict[str, str], readers: dict[str, CheckpointReader]) -> int:
+def check_base_is_a_model(config: SearchConfig, path: str) -> None:
+    """The live model is built from the base_model's directory, so it cannot be an adapter (the models
+    merged onto it can)."""
+    if split_ref(path)[1] is not None or is_adapter(Path(path)):
+        raise EvomergeError(f"base_model: {config.base_model} is a LoRA adapter; the base_model must be a "
+                            f"model directory (list adapters under models)")
+
+
+def check_models(config: SearchConfig, paths: dict[str, str], readers: dict[str, Source]) -> int:
     """Distinct models of one shape: every source has the base's layers and tensor shapes, since its
     weights go into a live model built from the base. Returns the number of layers."""
     methods = [get_method(m) for m in config.methods]
@@ -322,8 +331,10 @@ def preflight(config: SearchConfig, config_dir: Path | None = None, evaluator: A
     check_device(config.device, "device:")
     check_writable_dir(config.run_dir, "output_dir:")
     check_storage(config)
-    paths = {ref: str(resolve_model_path(ref, config_dir)) for ref in [config.base_model, *config.models]}
-    readers = {ref: CheckpointReader(path) for ref, path in paths.items()}
+    paths = {ref: resolve_source(ref, config_dir) for ref in [config.base_model, *config.models]}
+    check_base_is_a_model(config, paths[config.base_model])
+    opener = SourceOpener()
+    readers = {ref: opener.open(path, paths[config.base_model]) for ref, path in paths.items()}
     num_layers = check_models(config, paths, readers)
     check_live_model(config, paths[config.base_model])
     dims = dimensions(config, num_layers)

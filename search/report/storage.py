@@ -8,7 +8,7 @@ import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from merge_core.checkpoint import resolve_model_path
+from merge_core.adapters import resolve_source
 from merge_core.errors import EvomergeError
 from merge_core.recipe import validate
 from search.config import SearchConfig
@@ -111,7 +111,7 @@ def study_config(study: optuna.Study) -> SearchConfig:
     config = validate(SearchConfig, study.user_attrs["config"], f"study {study.study_name!r}: stored config")
     baselines = study.user_attrs.get("baselines", {})
     labels = model_labels([config.base_model, *config.models])
-    path = {ref: baselines[label]["model"] if label in baselines else str(resolve_model_path(ref))
+    path = {ref: baselines[label]["model"] if label in baselines else resolve_source(ref)
             for ref, label in labels.items()}
     return config.model_copy(update={"base_model": path[config.base_model],
                                      "models": [path[m] for m in config.models]})
