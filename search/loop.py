@@ -41,7 +41,7 @@ from merge_core.recipe import load_recipe
 from merge_core.runtime import DTYPES, progress_bar
 from search._optuna_compat import heartbeat, rdb_backend, set_user_attrs_in_one_transaction, storage_of, trial_id
 from search.config import SearchConfig
-from search.objectives import Objective, anchors_from
+from search.objectives import Objective, anchors_from, describe_objective
 from search.preflight import build_evaluator, preflight, root_cause, sqlite_file
 from search.samplers import make_pruner, make_sampler, rung_step
 from search.space import (
@@ -275,9 +275,16 @@ def self_contained(config: SearchConfig, config_dir: Path | None) -> SearchConfi
                 return str(candidate.resolve())
         return path
 
+    def file(path: str | None) -> str | None:
+        if path is None or Path(path).is_absolute():
+            return path
+        found = next((c for c in (Path(path), (config_dir / path) if config_dir else None) if c and c.exists()), None)
+        return str(found.resolve()) if found else path
+
+    texts = [p.model_copy(update={"text": file(p.text), "test_text": file(p.test_text)}) for p in config.perplexity]
     return config.model_copy(update={"base_model": local(config.base_model),
                                      "models": [local(m) for m in config.models],
-                                     "include_path": local(config.include_path)})
+                                     "include_path": local(config.include_path), "perplexity": texts})
 
 
 def open_workbench(config: SearchConfig, config_dir: Path | None = None, evaluator=None) -> Workbench:
@@ -797,6 +804,11 @@ def progress_status(done: list[optuna.trial.FrozenTrial], frozen, reference: tup
     return text + f" · trial {frozen.number}: " + outcome
 
 
+def _constraint_text(c) -> str:
+    slack = (f", tolerance {c.tolerance:g}" if c.tolerance else "") + (f", ratio {c.ratio:g}" if c.ratio != 1 else "")
+    return f"{c.task}{' ' + c.metric if c.metric else ''} no worse than {c.no_worse_than}{slack}"
+
+
 def check_config(config: SearchConfig, config_dir: Path | None = None, rerun: str = "check") -> dict[str, Any]:
     """What ``evomerge validate`` checks without running (``search.preflight``, the checks ``search`` runs
     before touching its storage), and that an existing study of this name was made with this config (as
@@ -811,6 +823,9 @@ def check_config(config: SearchConfig, config_dir: Path | None = None, rerun: st
     return {"models": checked.paths, "layers": checked.num_layers, "dimensions": [d.key for d in checked.dims],
             "tensors": checked.tensors,
             "tasks": list(getattr(evaluator, "task_names", [t.name for t in config.tasks])),
+            "methods": config.methods, "objective": describe_objective(config),
+            "objectives": [f"{name}: {', '.join(tasks)}" for name, tasks in config.objective_groups],
+            "constraints": [_constraint_text(c) for c in config.constraints] or "none",
             "storage": config.storage_url, "sampler": config.sampler_name, "n_trials": config.n_trials,
             "fidelity": None if config.fidelity is None else
             f"rungs {config.fidelity.rungs}, {config.fidelity.pruner} (η = {config.fidelity.reduction_factor})"}

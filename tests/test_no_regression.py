@@ -29,10 +29,10 @@ def zoo():
     return demo.build_zoo(ROOT / demo.DEFAULT_ZOO_DIR)
 
 
-def run(name: str, tmp_path_factory, **updates):
+def run(config_name: str, tmp_path_factory, **updates):
     """Search and report one of the demo configs in a fresh directory; returns (config, study, run dir)."""
-    run_dir = tmp_path_factory.mktemp(name)
-    config = load_search_config(ROOT / "configs" / f"{name}.yaml")
+    run_dir = tmp_path_factory.mktemp(config_name)
+    config = load_search_config(ROOT / "configs" / f"{config_name}.yaml")
     config = config.model_copy(update={"output_dir": str(run_dir), "include_path": str(ROOT / "configs" / "tasks"),
                                        **updates})
     study = search(config, config_dir=ROOT, progress=False)

@@ -5,6 +5,7 @@ rerun with an edited config stops instead of mixing objectives."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from types import SimpleNamespace
@@ -270,3 +271,44 @@ def test_only_fields_that_change_the_objective_or_the_space_count_as_config_chan
                                                     parameters={"weight": {"low": 0.0, "high": 2.0}}))
     assert config_differences(stored, space) == ["dtype: \"float32\" → \"bfloat16\"",
                                                  "parameters.weight.high: 1.0 → 2.0", "limit: null → 3", "seed: 0 → 1"]
+
+
+# --- held-out perplexity texts, constraints, the relative scale ---------------------------------------
+
+def _text_file(path, split: str):
+    rows = (FIXTURE_TASKS / "text" / f"fx_text_{split}.jsonl").read_text().splitlines()
+    path.write_text(" . ".join(json.loads(r)["text"] for r in rows) + "\n")
+    return str(path)
+
+
+def test_a_held_out_perplexity_bound_of_11_times_the_best_source_is_a_constraint_checked_on_both_splits(fam, tmp_path):
+    data = config_dict(fam, tmp_path / "run", n_trials=4, sampler="tpe",
+                       perplexity=[{"name": "held", "text": _text_file(tmp_path / "search.txt", "search"),
+                                    "test_text": _text_file(tmp_path / "test.txt", "test"), "context_length": 8,
+                                    "max_tokens": 64}],
+                       constraints=[{"task": "held", "no_worse_than": "best_source", "ratio": 1.1}])
+    config = SearchConfig.model_validate(data)
+    study = search(config, progress=False)
+    baselines = study.user_attrs["baselines"]
+    sources = {label: b["scores"]["tasks"]["held"]["metrics"]["perplexity"] for label, b in baselines.items()
+               if not b["is_base"]}
+    best_source = min(sources.values())
+    for trial in study.get_trials(states=(TrialState.COMPLETE,)):
+        ppl = trial.user_attrs["scores"]["tasks"]["held"]["metrics"]["perplexity"]
+        assert trial.constraints == {"0": pytest.approx(ppl - 1.1 * best_source)}
+        assert trial.user_attrs["feasible"] == (ppl <= 1.1 * best_source)
+    write_report(tmp_path / "run")
+    text = (tmp_path / "run" / "leaderboard.md").read_text()
+    section = text.split("## Constraints on the test split (best recipe)")[1].split("\n## ")[0]
+    best_label = min(sources, key=sources.get)
+    assert f"| held perplexity ≤ best_source ({best_label}) × 1.1 |" in section
+    assert "held perplexity (test)" in text  # the held-out text is scored on its test text too
+
+
+def test_brier_score_averaged_with_perplexity_validates_on_the_relative_scale(fam, tmp_path, capsys):
+    data = config_dict(fam, tmp_path / "run", metric=None, objective_scale="relative",
+                       tasks=[{"name": "fx_text", "metric": "bits_per_byte"},
+                              {"name": "fx_pick", "metric": "brier_score"}])
+    assert main(["validate", write_config(tmp_path / "c.yaml", data)]) == 0
+    assert main(["validate", write_config(tmp_path / "d.yaml", {**data, "objective_scale": "raw"})]) == 2
+    assert "(or set objective_scale: relative)" in capsys.readouterr().err
