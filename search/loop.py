@@ -31,7 +31,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, ProgrammingError, SQLAlchemyError
 
-from merge_core.adapters import SourceOpener, resolve_source, split_ref
+from merge_core.adapters import SourceOpener, is_adapter, resolve_source, split_ref
 from merge_core.architecture import count_layers
 from merge_core.engine import merge_into
 from merge_core.errors import EvomergeError
@@ -237,8 +237,10 @@ class Workbench:
         return attrs
 
     def recipe(self, values: dict[str, float], *, portable: bool = False) -> dict[str, Any]:
-        """The candidate's recipe; ``portable`` spells model paths out and records the seed, for export."""
-        recipe = build_recipe(self.config, self.dims, values, self.num_layers, self.paths if portable else None)
+        """The candidate's recipe; ``portable`` spells model paths out (an adapter as ``BASE+ADAPTER``, which
+        mergekit reads) and records the seed, for export."""
+        paths = export_paths(self.paths, self.config.base_model) if portable else None
+        recipe = build_recipe(self.config, self.dims, values, self.num_layers, paths)
         if portable:
             recipe["evomerge"] = {"version": _version(), "seed": self.config.seed}
         return recipe
@@ -255,6 +257,14 @@ class Workbench:
                 source = self.sources[ref]
                 if source.has(name):
                     tensor.copy_(source.get(name))
+
+
+def export_paths(paths: dict[str, str], base_ref: str) -> dict[str, str]:
+    """Model ref → the path exported recipes name: a bare adapter directory as ``BASE+ADAPTER`` (mergekit
+    reads only that form; evomerge reads both)."""
+    base = paths[base_ref]
+    return {ref: f"{base}+{path}" if "+" not in path and is_adapter(Path(path)) else path
+            for ref, path in paths.items()}
 
 
 def resolve_paths(config: SearchConfig, config_dir: Path | None) -> dict[str, str]:
@@ -297,6 +307,8 @@ def open_workbench(config: SearchConfig, config_dir: Path | None = None, evaluat
     base = readers[config.base_model]
     num_layers = count_layers(base.names, base.config, config.base_model)
     sources = load_in_memory(readers, dtype=dtype, device=config.device)
+    for ref, exported in export_paths(paths, config.base_model).items():
+        sources.setdefault(exported, sources[ref])  # exported recipes (the report re-materializes them) name these
     model = AutoModelForCausalLM.from_pretrained(paths[config.base_model], dtype=dtype).to(config.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(paths[config.base_model])
     bench = Workbench(config, paths, sources, model, tokenizer, evaluator or build_evaluator(config), num_layers)

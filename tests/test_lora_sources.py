@@ -220,7 +220,13 @@ def test_a_search_over_adapters_validates_and_runs_in_memory(fam, tmp_path):
     assert len([t for t in study.trials if t.state.name == "COMPLETE"]) >= 3
     assert len(set(evaluator.seen)) > 2  # base, each adapter and the candidates differ
     best = study.best_trial.user_attrs["recipe"]
-    assert {m["model"] for m in best["models"]} <= {fam["base"], fam["lora1"], fam["rslora"]}
+    # exported as mergekit reads adapters, BASE+ADAPTER, and mergekit merges it to what evomerge merges
+    assert {m["model"] for m in best["models"]} == {f"{fam['base']}+{fam['lora1']}", f"{fam['base']}+{fam['rslora']}"}
+    recipe = {k: v for k, v in best.items() if k != "evomerge"}
+    assert_equals_mergekit(recipe, tmp_path)
+    from search.report import write_report  # the report re-materializes exported recipes for the test split
+
+    assert write_report(tmp_path, storage=config.storage_url, evaluator=WeightNorm()).is_file()
 
 
 def test_a_search_config_refuses_an_adapter_as_base_model_and_an_adapter_of_another_base(fam, tmp_path, capsys):
