@@ -11,8 +11,9 @@ from optuna.trial import TrialState
 
 from search import demo
 from search.config import load_search_config
-from search.loop import search
+from search.loop import rank_key, search
 from search.report import write_report
+from search.report.pareto import choose_best
 
 pytestmark = pytest.mark.slow  # trains the demo family, runs searches or worker processes
 
@@ -56,8 +57,9 @@ def test_demo_prints_the_figures_of_its_own_run(demo_run):
     from search.cli.demo import demo_figures
 
     study, run_dir, _ = demo_run
+    config = load_search_config(ROOT / "configs" / "demo.yaml")
     complete = study.get_trials(states=(TrialState.COMPLETE,))
-    best = min(complete, key=lambda t: (-t.value, t.number))
+    best = choose_best(sorted(complete, key=rank_key), config)[0][0]  # the report's rule, ties included
     handwritten = next(t for t in complete if t.user_attrs.get("handwritten"))
     source, value = max(((k, v["objective"]) for k, v in study.user_attrs["baselines"].items() if not v["is_base"]),
                         key=lambda kv: kv[1])

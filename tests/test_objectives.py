@@ -185,3 +185,20 @@ def test_a_constrained_tpe_search_ends_on_a_feasible_optimum():
     best = max((t for t in study.trials if t.constraints["0"] <= 0), key=lambda t: t.value)
     assert 0.5 < best.value <= 0.6
     assert math.isfinite(best.value)
+
+
+def test_ties_go_to_the_trial_in_the_middle_of_the_plateau_and_two_ties_to_the_earliest():
+    from optuna.distributions import FloatDistribution
+
+    def tied(number, x, y):
+        trial = create_trial(value=1.0, params={"x": x, "y": y},
+                             distributions={"x": FloatDistribution(0, 1), "y": FloatDistribution(0, 10)})
+        trial.number = number
+        return trial
+
+    # medians: x 0.5, y 4 (0.4 of its range): trial 8 sits there
+    trials = [tied(3, 0.1, 1.0), tied(5, 0.9, 9.0), tied(8, 0.5, 4.0), tied(9, 0.45, 6.0), tied(12, 0.7, 2.0)]
+    order, _, rule = choose_best(trials, config())
+    assert order[0].number == 8 and "5 trials tie at 1: the one nearest the median" in rule
+    order, _, rule = choose_best(trials[:2], config())
+    assert order[0].number == 3 and "tie" not in rule

@@ -3,7 +3,10 @@
 The best recipe is chosen by one documented rule: among feasible trials (every constraint holds on the search
 split; all trials when none is feasible, which the report then says), in a multi-objective study the Pareto
 trial with the best weighted average over ``tasks``, in a single-objective study the trial with the best
-objective. Without constraints every trial is feasible.
+objective. Without constraints every trial is feasible. Ties are common (exact match reaches its ceiling on a
+whole plateau of recipes): among three or more tied trials the one nearest the median of their parameters
+(each scaled to its range) wins, the middle of the plateau rather than its edge, which is least sensitive to
+the items scored; otherwise the earliest.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from search.config import SearchConfig
 from search.loop import rank_key, rank_value
 from search.report.recipes import export_recipe
 
-__all__ = ["choose_best", "export_pareto_recipes", "feasible", "pareto_frame", "pareto_front"]
+__all__ = ["central", "choose_best", "export_pareto_recipes", "feasible", "pareto_frame", "pareto_front"]
 
 
 def feasible(trial: FrozenTrial) -> bool:
@@ -47,15 +50,45 @@ def choose_best(ranked: list[FrozenTrial], config: SearchConfig) -> tuple[list[F
                                  "is shown, and it is infeasible")
     pool = pool or list(ranked)
     front = pareto_front(pool) if config.multi_objective else []
+    candidates = front if config.multi_objective else pool
+    top = max(rank_value(t) for t in candidates)
+    tied = sorted((t for t in candidates if rank_value(t) == top), key=lambda t: t.number)
+    best = central(tied)
     if config.multi_objective:
-        best = max(front, key=lambda t: (rank_value(t), -t.number))
         rule.append(f"best: the Pareto trial (of {len(front)}) with the best weighted average over tasks")
     else:
-        best = pool[0]
         rule.append("best: the trial with the best objective" + (" among feasible ones" if config.constraints else ""))
+    if len(tied) >= MIN_TIES_FOR_MEDIAN:
+        rule.append(f"{len(tied)} trials tie at {top:.4g}: the one nearest the median of their parameters")
     order = [best] + sorted([t for t in pool if t is not best], key=rank_key)
     order += [t for t in ranked if t not in order]
     return order, front, "; ".join(rule)
+
+
+MIN_TIES_FOR_MEDIAN = 3
+
+
+def central(tied: list[FrozenTrial]) -> FrozenTrial:
+    """The tied trial nearest the median of the tied trials' parameters (numeric ones they all have, each
+    scaled to its distribution's range), or the earliest of fewer than ``MIN_TIES_FOR_MEDIAN``."""
+    if len(tied) < MIN_TIES_FOR_MEDIAN:
+        return tied[0]
+    keys = sorted(k for k in set.intersection(*(set(t.params) for t in tied))
+                  if all(isinstance(t.params[k], (int, float)) for t in tied))
+    if not keys:
+        return tied[0]
+
+    def scaled(trial: FrozenTrial) -> list[float]:
+        out = []
+        for k in keys:
+            d = trial.distributions[k]
+            span = getattr(d, "high", 1.0) - getattr(d, "low", 0.0)
+            out.append((trial.params[k] - getattr(d, "low", 0.0)) / span if span else 0.0)
+        return out
+
+    points = np.array([scaled(t) for t in tied])
+    distance = ((points - np.median(points, axis=0)) ** 2).sum(axis=1)
+    return tied[int(np.argmin(distance))]  # argmin: the earliest of equally near ones
 
 
 def pareto_frame(front: list[FrozenTrial], config: SearchConfig, best: FrozenTrial) -> pd.DataFrame:
