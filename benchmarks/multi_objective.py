@@ -7,8 +7,8 @@ sampler (median [min–max] over seeds):
 
 - hypervolume of the feasible front after 20/40/60 trials, reference point (0, 0) (both objectives are exact
   match in [0, 1], so 1 is the whole square);
-- the best average of a feasible trial after 20/40/60 trials, and the trials it took to first reach the
-  single-objective optimum's average (1.0 on the demo family; — when a run never does);
+- the best average of a feasible trial after 20/40/60 trials (0 while a run has none), and the trials it
+  took a feasible trial to first reach the single-objective optimum's average (— when a run never does);
 - feasible trials among the 60, and seconds per trial (the sampler's own time included).
 
 The same space searched with one objective (the average, cmaes, no constraint: what configs/demo.yaml runs)
@@ -16,6 +16,7 @@ gives the single-objective reference. Families: ``demo`` and ``deep`` (Gemma, 8 
 benchmarks/search_efficiency.py).
 
     python benchmarks/multi_objective.py [--families demo,deep] [--samplers tpe,nsga2,gp,random] [--seeds 5]
+    python benchmarks/multi_objective.py --render results/bench_multi_objective/runs.json   # the table again
 """
 
 from __future__ import annotations
@@ -84,9 +85,13 @@ def summarize(runs: list[dict], target: float) -> dict:
     out = {}
     for n in CHECKPOINTS:
         firsts = [[t for t in r["trials"][:n] if t["average"] is not None] for r in runs]
-        fronts = [[tuple(t["values"]) for t in ts if t["feasible"] and len(t["values"]) == 2] for ts in firsts]
-        out[f"hv@{n}"] = stat([hypervolume_2d(points) for points in fronts])
-        out[f"best@{n}"] = stat([max((t["average"] for t in ts if t["feasible"]), default=None) for ts in firsts])
+        if all(len(t["values"]) == 2 for ts in firsts for t in ts):
+            fronts = [[tuple(t["values"]) for t in ts if t["feasible"]] for ts in firsts]
+            out[f"hv@{n}"] = stat([hypervolume_2d(points) for points in fronts])
+        else:
+            out[f"hv@{n}"] = None  # one objective: no front
+        # 0 while a run has no feasible trial yet: what it could hand a user at that point
+        out[f"best@{n}"] = stat([max((t["average"] for t in ts if t["feasible"]), default=0.0) for ts in firsts])
     reach = []
     for r in runs:
         hit = next((i + 1 for i, t in enumerate(r["trials"]) if t["average"] is not None and t["feasible"]
@@ -108,41 +113,19 @@ def fmt(cell) -> str:
     return f"{median:.3f} [{low:.3f}–{high:.3f}]"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--families", default="demo")
-    parser.add_argument("--samplers", default=",".join(SAMPLERS))
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--trials", type=int, default=60)
-    parser.add_argument("--out", default=str(REPO / "results" / "bench_multi_objective"))
-    args = parser.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    base = load_search_config(REPO / "configs" / "demo_no_regression.yaml")
+def table(raw: dict, trials: int) -> str:
     lines = []
-    raw = {}
-    for fam in args.families.split(","):
-        paths = family_paths(fam)
-        config = base.model_copy(update={**paths, "include_path": str(REPO / "configs" / "tasks"),
-                                         "n_trials": args.trials})
-        evaluator = build_evaluator(config)
-        single = config.model_copy(update={"objectives": None, "constraints": [], "sampler": "cmaes"})
-        reference = [run(single.model_copy(update={"seed": s}), evaluator) for s in range(args.seeds)]
+    columns = [*(f"hv@{n}" for n in CHECKPOINTS), *(f"best@{n}" for n in CHECKPOINTS), "trials to target",
+               "feasible", "s/trial"]
+    for fam, runs_of in raw.items():
+        reference = runs_of["single_cmaes"]
         target = max(t["average"] for r in reference for t in r["trials"] if t["average"] is not None)
-        raw[fam] = {"single_cmaes": reference}
-        rows = {"single objective (cmaes, no constraint)": summarize(reference, target)}
-        for sampler in args.samplers.split(","):
-            runs = [run(config.model_copy(update={"sampler": sampler, "seed": seed}), evaluator)
-                    for seed in range(args.seeds)]
-            raw[fam][sampler] = runs
-            rows[sampler] = summarize(runs, target)
-            print(f"{fam} {sampler}: {rows[sampler]}", flush=True)
-        columns = [*(f"hv@{n}" for n in CHECKPOINTS), *(f"best@{n}" for n in CHECKPOINTS), "trials to target",
-                   "feasible", "s/trial"]
-        lines.append(f"\n### {fam} family ({args.seeds} seeds, {args.trials} trials; target average {target:.3f})\n")
+        seeds = len(reference)
+        lines.append(f"\n### {fam} family ({seeds} seeds, {trials} trials; target average {target:.3f})\n")
         lines.append("| sampler | " + " | ".join(columns) + " |")
         lines.append("|---|" + "---:|" * len(columns))
-        for name, row in rows.items():
+        for name, runs in runs_of.items():
+            row = summarize(runs, target)
             cells = []
             for c in columns:
                 if c == "trials to target":
@@ -150,11 +133,42 @@ def main() -> None:
                     cells.append(f"{median:g} ({hit}/{n} runs)" if median != float("inf") else f"— ({hit}/{n} runs)")
                 else:
                     cells.append(fmt(row[c]))
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
-    print(table)
-    (out / "table.md").write_text(table + "\n")
-    (out / "runs.json").write_text(json.dumps(raw))
+            label = "single objective (cmaes, no constraint)" if name == "single_cmaes" else name
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", default="demo")
+    parser.add_argument("--samplers", default=",".join(SAMPLERS))
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--trials", type=int, default=60)
+    parser.add_argument("--out", default=str(REPO / "results" / "bench_multi_objective"))
+    parser.add_argument("--render", default=None, help="print the table of a saved runs.json, run nothing")
+    args = parser.parse_args()
+    if args.render:
+        print(table(json.loads(Path(args.render).read_text()), args.trials))
+        return
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = load_search_config(REPO / "configs" / "demo_no_regression.yaml")
+    raw = {}
+    for fam in args.families.split(","):
+        paths = family_paths(fam)
+        config = base.model_copy(update={**paths, "include_path": str(REPO / "configs" / "tasks"),
+                                         "n_trials": args.trials})
+        evaluator = build_evaluator(config)
+        single = config.model_copy(update={"objectives": None, "constraints": [], "sampler": "cmaes"})
+        raw[fam] = {"single_cmaes": [run(single.model_copy(update={"seed": s}), evaluator) for s in range(args.seeds)]}
+        for sampler in args.samplers.split(","):
+            raw[fam][sampler] = [run(config.model_copy(update={"sampler": sampler, "seed": seed}), evaluator)
+                                 for seed in range(args.seeds)]
+            print(f"{fam} {sampler}: done", flush=True)
+        (out / "runs.json").write_text(json.dumps(raw))
+    text = table(raw, args.trials)
+    print(text)
+    (out / "table.md").write_text(text + "\n")
 
 
 if __name__ == "__main__":
