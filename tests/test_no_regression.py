@@ -5,6 +5,7 @@ split, a lower-is-better objective, and the method searched too. Each search is 
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from merge_core.recipe import load_recipe
 from search import demo
 from search.config import load_search_config
 from search.loop import rank_key, search
-from search.report import paired_bootstrap, write_report
+from search.report import TEST_CACHE, paired_bootstrap, write_report
 from search.report.pareto import choose_best
 
 pytestmark = pytest.mark.slow  # trains (or reuses) the demo family and runs searches
@@ -38,6 +39,12 @@ def run(config_name: str, tmp_path_factory, **updates):
     study = search(config, config_dir=ROOT, progress=False)
     write_report(run_dir, storage=config.storage_url, study_name=config.study)
     return config, study, run_dir
+
+
+def test_scores(run_dir: Path, trial) -> Scores:
+    """A trial's test-split scores as the report cached them."""
+    cache = json.loads((run_dir / TEST_CACHE).read_text())
+    return Scores.from_dict(next(v for k, v in cache.items() if k.startswith(f"trial {trial.number}@")))
 
 
 def best_trial(study, config):
@@ -67,6 +74,8 @@ def test_the_two_objective_fronts_best_average_is_no_worse_than_the_single_objec
     so_scores, mo_scores = (Scores.from_dict(t.user_attrs["scores"]) for t in (so_best, mo_best))
     low, high = paired_bootstrap(mo_scores, so_scores, so_config)
     assert high >= 0, (mo_best.user_attrs["average"], so_best.value, low, high)
+    low, high = paired_bootstrap(test_scores(run_dir, mo_best), test_scores(single[2], so_best), so_config)
+    assert high >= 0, ("test split", low, high)
     front = yaml.safe_load((run_dir / "best_recipe.yaml").read_text())["evomerge"]["trial"]
     assert front == mo_best.number
     pareto = sorted((run_dir / "recipes" / "pareto").glob("trial*.yaml"))
