@@ -46,6 +46,11 @@ SHAPES = {
         num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
         max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0, bos_token_id=128000,
         eos_token_id=128001, torch_dtype="bfloat16", architectures=["LlamaForCausalLM"]),
+    "llama-3b": lambda: LlamaConfig(  # meta-llama/Llama-3.2-3B (benchmarks/larger_than_ram.py)
+        hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+        num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=True,
+        max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0, bos_token_id=128000,
+        eos_token_id=128001, torch_dtype="bfloat16", architectures=["LlamaForCausalLM"]),
     "qwen-0.5b": lambda: Qwen2Config(  # Qwen/Qwen2.5-0.5B
         hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768,

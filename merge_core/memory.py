@@ -5,9 +5,14 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import math
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from merge_core.errors import EvomergeError
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
@@ -71,3 +76,88 @@ def load_in_memory(sources: dict, dtype: torch.dtype | None = None, device: str 
         return loaded[id(source)]
 
     return {ref: load(source) for ref, source in sources.items()}
+
+
+GIB = 1 << 30
+# What the process needs beyond the live model and copied sources: Python, torch, the evaluator's
+# activations and the merge's chunk buffers.
+WORKING_BYTES = 2 * GIB
+
+
+def available_memory() -> int:
+    """Bytes the kernel can give this process without swapping (MemAvailable: free memory plus page cache it
+    can drop), the figure that says whether anonymous memory will fit."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Where a search's bytes live. Source tensors stored in the search's dtype are memory-mapped: file
+    pages the kernel reads on demand and drops under pressure, so sources larger than RAM still work. Those
+    in another dtype are converted, which copies them into anonymous memory, as is the live model."""
+
+    live_bytes: int
+    copied_bytes: int
+    mapped_bytes: int
+    available: int
+
+    @property
+    def needed(self) -> int:
+        return self.live_bytes + self.copied_bytes + WORKING_BYTES
+
+    def cache_budget(self, cap: int) -> int:
+        """Bytes left for the search's task-vector cache: half of what stays available, at most ``cap``."""
+        return max(0, min(cap, (self.available - self.needed) // 2))
+
+
+def plan_memory(readers: dict, base_ref: str, dtype: torch.dtype) -> MemoryPlan:
+    """The memory a search over ``readers`` (one per source, the base included) needs before anything is
+    loaded: only headers are read. An underlying model shared by several sources (an adapter's base) counts
+    once."""
+    seen: set[int] = set()
+    copied = mapped = 0
+
+    def count(reader) -> None:
+        nonlocal copied, mapped
+        if hasattr(reader, "base"):
+            count(reader.base)
+            return  # an adapter's own factors are small
+        if id(reader) in seen:
+            return
+        seen.add(id(reader))
+        for name in reader.names:
+            stored = reader.dtype(name) if hasattr(reader, "dtype") else dtype
+            size = math.prod(reader.shape(name)) * dtype.itemsize
+            if stored == dtype:
+                mapped += size
+            else:
+                copied += size
+
+    for reader in readers.values():
+        count(reader)
+    base = readers[base_ref]
+    live = sum(math.prod(base.shape(n)) for n in base.names) * dtype.itemsize
+    return MemoryPlan(live, copied, mapped, available_memory())
+
+
+def check_memory(plan: MemoryPlan, dtype_name: str, where: str = "dtype") -> None:
+    """One line before anything is loaded when the anonymous memory cannot fit."""
+    if plan.needed <= plan.available:
+        return
+    gib = lambda n: f"{n / GIB:.1f} GiB"  # noqa: E731
+    advice = (f"; sources in {dtype_name} would be memory-mapped instead of copied: set dtype to the checkpoints' "
+              "dtype" if plan.copied_bytes else "")
+    raise EvomergeError(f"{where}: the live model ({gib(plan.live_bytes)}), the sources converted to {dtype_name} "
+                        f"({gib(plan.copied_bytes)}) and working memory ({gib(WORKING_BYTES)}) need "
+                        f"{gib(plan.needed)}, but {gib(plan.available)} is available{advice}")

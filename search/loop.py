@@ -35,7 +35,7 @@ from merge_core.adapters import SourceOpener, is_adapter, resolve_source, split_
 from merge_core.architecture import count_layers
 from merge_core.engine import merge_into
 from merge_core.errors import EvomergeError
-from merge_core.memory import load_in_memory
+from merge_core.memory import check_memory, load_in_memory, plan_memory
 from merge_core.plan import Source
 from merge_core.recipe import load_recipe
 from merge_core.runtime import DTYPES, progress_bar
@@ -58,7 +58,8 @@ from search.space import (
 MAX_RETRY = 2
 REFRESH_SECONDS = 1.0  # how often a worker reads other workers' trials for its budget check and progress bar
 # Whole-tensor precomputations a search keeps (task vectors, plus sorted magnitudes for float32): all of a
-# small family's, about half of three 1B bf16 fine-tunes' task vectors; the rest streams per trial.
+# small family's, about half of three 1B bf16 fine-tunes' task vectors; the rest streams per trial. On CPU
+# at most half of the memory left once the live model and converted sources are in (``MemoryPlan``).
 PRECOMPUTE_BYTES = 4 << 30
 # A search stops (one line, exit 2) when this many candidates in a row fail for the same reason: a config
 # every candidate fails on would otherwise spend its whole budget, or with a timeout alone all of it.
@@ -205,6 +206,7 @@ class Workbench:
     num_layers: int
     dims: list[Dimension] = field(default_factory=list)
     cache: dict = field(default_factory=dict)
+    precompute_bytes: int = PRECOMPUTE_BYTES
     objective: Objective | None = None  # set once the baselines are scored (the relative scale's anchors)
     baseline_scores: dict[str, Any] = field(default_factory=dict)  # label → Scores, for constraints
 
@@ -247,7 +249,7 @@ class Workbench:
 
     def materialize(self, recipe: dict[str, Any]) -> None:
         merge_into(self.model, load_recipe(recipe, strict=True), self.sources, device=self.config.device,
-                   seed=self.config.seed, cache=self.cache, precompute_bytes=PRECOMPUTE_BYTES)
+                   seed=self.config.seed, cache=self.cache, precompute_bytes=self.precompute_bytes)
 
     def load_source(self, ref: str) -> None:
         """Put one source model's own weights into the live model (for baselines)."""
@@ -306,6 +308,9 @@ def open_workbench(config: SearchConfig, config_dir: Path | None = None, evaluat
     readers = {ref: opener.open(path, paths[config.base_model]) for ref, path in paths.items()}
     base = readers[config.base_model]
     num_layers = count_layers(base.names, base.config, config.base_model)
+    memory = plan_memory(readers, config.base_model, dtype)
+    if config.device == "cpu":
+        check_memory(memory, config.dtype)
     sources = load_in_memory(readers, dtype=dtype, device=config.device)
     for ref, exported in export_paths(paths, config.base_model).items():
         sources.setdefault(exported, sources[ref])  # exported recipes (the report re-materializes them) name these
@@ -313,6 +318,7 @@ def open_workbench(config: SearchConfig, config_dir: Path | None = None, evaluat
     tokenizer = AutoTokenizer.from_pretrained(paths[config.base_model])
     bench = Workbench(config, paths, sources, model, tokenizer, evaluator or build_evaluator(config), num_layers)
     bench.dims = dimensions(config, num_layers)
+    bench.precompute_bytes = memory.cache_budget(PRECOMPUTE_BYTES) if config.device == "cpu" else PRECOMPUTE_BYTES
     return bench
 
 

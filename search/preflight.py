@@ -18,10 +18,11 @@ from merge_core.adapters import SourceOpener, is_adapter, resolve_source, split_
 from merge_core.architecture import count_layers
 from merge_core.checkpoint import check_writable_dir
 from merge_core.errors import EvomergeError
+from merge_core.memory import MemoryPlan, check_memory, plan_memory
 from merge_core.methods import check_inputs, get_method
 from merge_core.plan import Source, plan_merge
 from merge_core.recipe import load_recipe
-from merge_core.runtime import check_device
+from merge_core.runtime import DTYPES, check_device
 from search.config import EVERY_TASK, SearchConfig
 from search.space import METHOD_KEY, Dimension, build_recipe, dimensions, dims_for, handwritten_point, model_labels
 
@@ -35,6 +36,7 @@ class Preflight:
     dims: list[Dimension]
     tensors: int
     evaluator: Any
+    memory: MemoryPlan | None = None
 
 
 def sqlite_file(url: str) -> Path | None:
@@ -339,9 +341,12 @@ def preflight(config: SearchConfig, config_dir: Path | None = None, evaluator: A
     check_live_model(config, paths[config.base_model])
     dims = dimensions(config, num_layers)
     tensors = check_recipes(config, dims, num_layers, readers)
+    memory = plan_memory(readers, config.base_model, DTYPES[config.dtype])
+    if config.device == "cpu":  # on a GPU the sources and the live model are copied to its memory
+        check_memory(memory, config.dtype)
     check_texts(config)
     evaluator = evaluator or build_checked_evaluator(config)
     check_tasks(config, evaluator)
     check_objective(config, evaluator)
     check_fidelity(config, evaluator)
-    return Preflight(paths, num_layers, dims, tensors, evaluator)
+    return Preflight(paths, num_layers, dims, tensors, evaluator, memory)

@@ -382,3 +382,36 @@ def test_a_full_sqlite_disk_stops_the_search_with_one_line(fam, tmp_path, monkey
     finally:
         event.remove(Engine, "connect", fill_disk)
     assert trials and len(trials) < 50
+
+
+def test_a_family_too_large_for_memory_is_one_line_before_anything_is_loaded(fam, tmp_path, capsys, monkeypatch):
+    """Sources in another dtype than the search's are converted (copied); when the copies and the live model
+    cannot fit in the available memory, validate and search say so naming the sizes, and write nothing."""
+    from merge_core import memory
+
+    monkeypatch.setattr(memory, "available_memory", lambda: 3 * memory.GIB)
+    monkeypatch.setattr(memory, "WORKING_BYTES", 3 * memory.GIB - 1000)  # the tiny family's few KB then overflow
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(good_config(fam, tmp_path / "run", dtype="bfloat16")))
+    for command in ("validate", "search"):
+        assert main([command, str(path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "dtype: the live model (0.0 GiB), the sources converted to bfloat16" in err, err
+        assert "but 3.0 GiB is available; sources in bfloat16 would be memory-mapped instead of copied" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_sources_in_the_search_dtype_are_mapped_and_the_task_vector_cache_fits_what_is_left(fam, monkeypatch):
+    from merge_core import memory
+    from merge_core.adapters import SourceOpener
+
+    readers = {ref: SourceOpener().open(fam[ref], fam["base"]) for ref in ("base", "ft1", "ft2")}
+    plan = memory.plan_memory(readers, "base", torch.float32)
+    size = plan.live_bytes
+    assert plan.copied_bytes == 0 and plan.mapped_bytes == 3 * size  # the family is stored in float32
+    converted = memory.plan_memory(readers, "base", torch.bfloat16)
+    assert converted.copied_bytes == 3 * size // 2 and converted.live_bytes == size // 2
+    roomy = memory.MemoryPlan(size, 0, 3 * size, memory.WORKING_BYTES + size + 10 * memory.GIB)
+    assert roomy.cache_budget(4 * memory.GIB) == 4 * memory.GIB
+    tight = memory.MemoryPlan(size, 0, 3 * size, memory.WORKING_BYTES + size + memory.GIB)
+    assert tight.cache_budget(4 * memory.GIB) == memory.GIB // 2
