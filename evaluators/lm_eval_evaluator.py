@@ -95,6 +95,33 @@ def _live_hflm_class():
     return LiveHFLM
 
 
+# lm-eval HF-model arguments the evaluator sets itself, or that load a model (a live model is already loaded:
+# its dtype is the search's ``dtype``, its revision part of the model's name, ``NAME@REVISION``).
+OWN_MODEL_ARGS = {"pretrained": "the live model", "tokenizer": "the base's tokenizer", "batch_size": "batch_size",
+                  "device": "device"}
+LOADING_MODEL_ARGS = ("dtype", "revision", "trust_remote_code", "subfolder", "parallelize", "peft", "delta",
+                      "autogptq", "gptqmodel", "gguf_file", "quantization_config", "backend")
+
+
+def check_model_args(model_args: dict[str, Any]) -> dict[str, Any]:
+    """The ``model_args`` lm-eval's HF model takes for a live model object; one line for any other."""
+    import inspect
+
+    from lm_eval.models.huggingface import HFLM
+
+    accepted = set(inspect.signature(HFLM.__init__).parameters) - {"self", "kwargs"}
+    for key in model_args:
+        if key in OWN_MODEL_ARGS:
+            raise EvomergeError(f"model_args.{key}: set by evomerge from {OWN_MODEL_ARGS[key]}")
+        if key in LOADING_MODEL_ARGS:
+            raise EvomergeError(f"model_args.{key}: a loading option, for a model evomerge loads itself: use the "
+                                "dtype field (search) or --dtype/--model-args of evomerge eval, and NAME@REVISION")
+        if key not in accepted:
+            raise EvomergeError(f"model_args.{key}: lm-eval's HF model has no such argument "
+                                f"(it has: {', '.join(sorted(accepted - set(OWN_MODEL_ARGS)))})")
+    return dict(model_args)
+
+
 def rung_order(task: str, documents: int) -> list[int]:
     """The order in which multi-fidelity rungs take a task's documents (positions in document order)."""
     import random
@@ -132,12 +159,19 @@ class LmEvalEvaluator:
     ``max_gen_toks`` or ``until`` but not sampling. ``threads`` sets torch's intra-op threads while scoring
     (``None`` leaves them): on a CPU shared with other busy processes, 1 thread avoids OpenMP threads
     spin-waiting on each other (benchmarks/eval_speed.py measures it).
+
+    lm-eval's own options pass through unchanged: ``apply_chat_template``, ``fewshot_as_multiturn`` (default: as
+    ``apply_chat_template``, which lm-eval requires for it), ``system_instruction``, ``limits`` (per task,
+    over ``limit``) and ``model_args``, the keyword arguments of lm-eval's HF model (``max_length``,
+    ``add_bos_token``…; see ``check_model_args`` for the ones a live model cannot take).
     """
 
     def __init__(self, tasks: list[str] | str, *, include_path: str | Path | None = None, split: str | None = "search",
                  limit: int | float | None = None, num_fewshot: int | None = None, batch_size: int = 32,
                  apply_chat_template: bool = False, device: str = "cpu", gen_kwargs: dict[str, Any] | None = None,
-                 metrics: dict[str, list[str]] | None = None, threads: int | None = None) -> None:
+                 metrics: dict[str, list[str]] | None = None, threads: int | None = None,
+                 fewshot_as_multiturn: bool | None = None, system_instruction: str | None = None,
+                 limits: dict[str, int | float] | None = None, model_args: dict[str, Any] | None = None) -> None:
         quiet_lm_eval()
         cache_prompt_templates()
         names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
@@ -146,6 +180,11 @@ class LmEvalEvaluator:
         if batch_size < 1:
             raise EvomergeError(f"batch_size must be >= 1, got {batch_size}")
         check_limit(limit)
+        for value in (limits or {}).values():
+            check_limit(value)
+        if fewshot_as_multiturn and not apply_chat_template:
+            raise EvomergeError("fewshot_as_multiturn needs apply_chat_template (the few-shot turns are chat turns)")
+        self.model_args = check_model_args(model_args or {})
         if num_fewshot is not None and num_fewshot < 0:
             raise EvomergeError(f"num_fewshot must be >= 0, got {num_fewshot}")
         if threads is not None and threads < 1:
@@ -160,11 +199,17 @@ class LmEvalEvaluator:
         self.limit = limit
         self.batch_size = batch_size
         self.apply_chat_template = apply_chat_template
+        self.fewshot_as_multiturn = apply_chat_template if fewshot_as_multiturn is None else fewshot_as_multiturn
+        self.system_instruction = system_instruction
+        self.limits = dict(limits or {})
         self.device = device
         self.threads = threads
         self._tasks = build_tasks(names, include if include.is_dir() else None, split)
         self._configure(num_fewshot, gen_kwargs)
         self._metrics = self._select_metrics(metrics or {})
+        unknown = [name for name in self.limits if name not in self._tasks]
+        if unknown:
+            raise EvomergeError(f"limits given for tasks not evaluated: {', '.join(unknown)}")
         self._lm = None
         self._requests: _Requests | None = None
 
@@ -242,7 +287,8 @@ class LmEvalEvaluator:
         """How many documents each task scores (after ``limit``), known without a model."""
         from lm_eval.evaluator_utils import get_sample_size
 
-        return {name: len(list(task.doc_iterator(rank=0, limit=get_sample_size(task, self.limit), world_size=1)))
+        return {name: len(list(task.doc_iterator(rank=0, world_size=1,
+                                                 limit=get_sample_size(task, self.limits.get(name, self.limit)))))
                 for name, task in self._tasks.items()}
 
     def score_rungs(self, model: Any, tokenizer: Any, rungs: list[int | None]) -> Iterator[Scores]:
@@ -303,7 +349,8 @@ class LmEvalEvaluator:
         ensure_on_device(model, self.device)
         if self._lm is not None and self._lm.model is model and self._lm.tokenizer is tokenizer:
             return self._lm
-        self._lm = _live_hflm_class()(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size)
+        self._lm = _live_hflm_class()(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size,
+                                      **self.model_args)
         return self._lm
 
     def _requests_for(self, lm: Any, tokenizer: Any) -> _Requests:
@@ -318,12 +365,13 @@ class LmEvalEvaluator:
         by_type: dict[str, list] = defaultdict(list)
         docs = {}
         for name, task in self._tasks.items():
-            limit = get_sample_size(task, self.limit)
+            limit = get_sample_size(task, self.limits.get(name, self.limit))
             try:
                 with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):  # lm-eval's tqdm bar
                     task.build_all_requests(limit=limit, rank=0, world_size=1, cache_requests=False,
                                             apply_chat_template=self.apply_chat_template,
-                                            fewshot_as_multiturn=self.apply_chat_template,
+                                            fewshot_as_multiturn=self.fewshot_as_multiturn,
+                                            system_instruction=self.system_instruction,
                                             chat_template=lm.apply_chat_template if self.apply_chat_template
                                             else None,
                                             tokenizer_name=lm.tokenizer_name if self.apply_chat_template else "")

@@ -111,6 +111,7 @@ class MemoryPlan:
     copied_bytes: int
     mapped_bytes: int
     available: int
+    stored: tuple[str, ...] = ()  # the dtypes the converted tensors are stored in
 
     @property
     def needed(self) -> int:
@@ -127,6 +128,7 @@ def plan_memory(readers: dict, base_ref: str, dtype: torch.dtype) -> MemoryPlan:
     once."""
     seen: set[int] = set()
     copied = mapped = 0
+    stored_as: set[str] = set()
 
     def count(reader) -> None:
         nonlocal copied, mapped
@@ -143,12 +145,13 @@ def plan_memory(readers: dict, base_ref: str, dtype: torch.dtype) -> MemoryPlan:
                 mapped += size
             else:
                 copied += size
+                stored_as.add(str(stored).removeprefix("torch."))
 
     for reader in readers.values():
         count(reader)
     base = readers[base_ref]
     live = sum(math.prod(base.shape(n)) for n in base.names) * dtype.itemsize
-    return MemoryPlan(live, copied, mapped, available_memory())
+    return MemoryPlan(live, copied, mapped, available_memory(), tuple(sorted(stored_as)))
 
 
 def check_memory(plan: MemoryPlan, dtype_name: str, where: str = "dtype") -> None:
@@ -156,8 +159,8 @@ def check_memory(plan: MemoryPlan, dtype_name: str, where: str = "dtype") -> Non
     if plan.needed <= plan.available:
         return
     gib = lambda n: f"{n / GIB:.1f} GiB"  # noqa: E731
-    advice = (f"; sources in {dtype_name} would be memory-mapped instead of copied: set dtype to the checkpoints' "
-              "dtype" if plan.copied_bytes else "")
+    advice = (f"; the sources are stored in {' and '.join(plan.stored)}: with dtype {plan.stored[0]} they would be "
+              "memory-mapped, not copied" if plan.stored else "")
     raise EvomergeError(f"{where}: the live model ({gib(plan.live_bytes)}), the sources converted to {dtype_name} "
                         f"({gib(plan.copied_bytes)}) and working memory ({gib(WORKING_BYTES)}) need "
                         f"{gib(plan.needed)}, but {gib(plan.available)} is available{advice}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
@@ -51,6 +51,14 @@ class TaskSpec(StrictModel):
     name: str = Field(min_length=1)
     weight: float = Field(default=1.0, gt=0, allow_inf_nan=False)
     metric: str | None = Field(default=None, min_length=1)
+    limit: int | float | None = Field(default=None, gt=0, allow_inf_nan=False)  # over the config's limit
+
+    @field_validator("limit")
+    @classmethod
+    def _documents_or_fraction(cls, limit):
+        if limit is not None and limit >= 1 and limit != int(limit):
+            raise ValueError(f"{limit}: a whole number of documents, or a fraction below 1")
+        return limit
 
 
 SAMPLERS = ("cmaes", "cmaes_ipop", "cmaes_bipop", "tpe", "gp", "nsga2", "random")
@@ -151,6 +159,12 @@ class SearchConfig(StrictModel):
     include_path: str | None = "configs/tasks"
     limit: int | None = Field(default=None, ge=1)
     num_fewshot: int | None = Field(default=None, ge=0)
+    # lm-eval's options, passed to it unchanged (see the README); generation stays greedy
+    apply_chat_template: bool = False
+    fewshot_as_multiturn: bool | None = None  # default: as apply_chat_template
+    system_instruction: str | None = None
+    gen_kwargs: dict[str, Any] = Field(default_factory=dict)
+    model_args: dict[str, Any] = Field(default_factory=dict)
     batch_size: int = Field(default=64, ge=1)
     sampler: Literal[SAMPLERS] | None = None  # None: cmaes, or tpe where cmaes cannot serve (see ``sampler_name``)
     fidelity: Fidelity | None = None
@@ -202,9 +216,26 @@ class SearchConfig(StrictModel):
         texts = [p.name for p in self.perplexity]
         if len(set(texts)) != len(texts):
             raise ValueError(f"perplexity: {next(n for n in texts if texts.count(n) > 1)!r} is named twice")
+        self._check_lm_eval_options()
         self._check_objectives()
         self._check_sampler()
         return self
+
+    def _check_lm_eval_options(self) -> None:
+        if self.fewshot_as_multiturn and not self.apply_chat_template:
+            raise ValueError("fewshot_as_multiturn needs apply_chat_template: true (the few-shot examples become "
+                             "chat turns)")
+        for key in ("do_sample", "temperature", "top_p", "top_k", "num_beams"):
+            value = self.gen_kwargs.get(key)
+            if key in self.gen_kwargs and value not in (False, 0, 0.0, 1, None) or (key == "do_sample" and value):
+                raise ValueError(f"gen_kwargs.{key}: {value!r}: every model is scored greedily (the same answers "
+                                 "for the same weights); set max_gen_toks or until only")
+        dtype = self.model_args.get("dtype")
+        if dtype is not None and str(dtype).removeprefix("torch.") != self.dtype:
+            raise ValueError(f"model_args.dtype: {dtype!r}, but the live model is built in dtype: {self.dtype} "
+                             "(set dtype instead)")
+        if "revision" in self.model_args:
+            raise ValueError("model_args.revision: name the revision with the model, NAME@REVISION, as mergekit does")
 
     def _check_objectives(self) -> None:
         scored = set(self.scored_tasks)

@@ -219,9 +219,14 @@ def build_evaluator(config: SearchConfig, split: str = "search"):
 
     texts = {p.name: p for p in config.perplexity}
     names = [t.name for t in config.tasks if t.name not in texts]
+    limits = {t.name: t.limit for t in config.tasks if t.limit is not None and t.name in names}
+    model_args = {k: v for k, v in config.model_args.items() if k != "dtype"}  # dtype: the live model's, checked
     lm = (LmEvalEvaluator(names, include_path=config.include_path, split=split, limit=config.limit,
                           num_fewshot=config.num_fewshot, batch_size=config.batch_size, device=config.device,
-                          threads=config.threads) if names else None)
+                          threads=config.threads, apply_chat_template=config.apply_chat_template,
+                          fewshot_as_multiturn=config.fewshot_as_multiturn,
+                          system_instruction=config.system_instruction, gen_kwargs=config.gen_kwargs,
+                          limits=limits, model_args=model_args) if names else None)
     if not texts:
         return lm
     held_out = [PerplexityEvaluator((p.test_text or p.text) if split == "test" else p.text, max_tokens=p.max_tokens,

@@ -342,3 +342,55 @@ def test_rungs_score_nested_document_subsets_once_each_and_the_last_rung_equals_
     evaluator.score(model, tokenizer)
     assert len(instances_run) - in_rungs == in_rungs  # and all of them, as a full score does
     assert evaluator.document_counts() == {"fx_pick": 12, "fx_yesno": 12}
+
+
+# --- lm-eval's options, passed through ----------------------------------------------------------------
+
+def test_per_task_limits_system_instruction_and_model_args_reach_lm_eval(tiny):
+    _, model, tokenizer = tiny
+    evaluator = LmEvalEvaluator(["fx_pick", "fx_yesno"], include_path=FIXTURE_TASKS, limit=6, limits={"fx_pick": 3},
+                                system_instruction="Answer briefly.", model_args={"max_length": 48})
+    assert evaluator.document_counts() == {"fx_pick": 3, "fx_yesno": 6}
+    scores = evaluator.score(model, tokenizer)
+    assert scores.tasks["fx_pick"].n == 3 and scores.tasks["fx_yesno"].n == 6
+    contexts = [inst.args[0] for task in evaluator.tasks.values() for inst in task.instances]
+    assert contexts and all(c.startswith("Answer briefly.") for c in contexts)
+    assert evaluator._lm.max_length == 48
+
+
+def test_lm_eval_options_a_live_model_cannot_take_are_one_line_naming_them():
+    with pytest.raises(EvomergeError, match=r"model_args\.dtype: a loading option"):
+        LmEvalEvaluator(["fx_pick"], include_path=FIXTURE_TASKS, model_args={"dtype": "bfloat16"})
+    with pytest.raises(EvomergeError, match=r"model_args\.max_lenght: lm-eval's HF model has no such argument"):
+        LmEvalEvaluator(["fx_pick"], include_path=FIXTURE_TASKS, model_args={"max_lenght": 8})
+    with pytest.raises(EvomergeError, match=r"model_args\.batch_size: set by evomerge"):
+        LmEvalEvaluator(["fx_pick"], include_path=FIXTURE_TASKS, model_args={"batch_size": 8})
+    with pytest.raises(EvomergeError, match="fewshot_as_multiturn needs apply_chat_template"):
+        LmEvalEvaluator(["fx_pick"], include_path=FIXTURE_TASKS, fewshot_as_multiturn=True)
+    with pytest.raises(EvomergeError, match="limits given for tasks not evaluated: fx_nope"):
+        LmEvalEvaluator(["fx_pick"], include_path=FIXTURE_TASKS, limits={"fx_nope": 2})
+
+
+def test_eval_command_takes_model_args_and_gen_kwargs_as_lm_eval_spells_them(tiny, tmp_path, capsys, monkeypatch):
+    import torch
+
+    import evaluators.loading as loading
+    from search.cli import main
+
+    model_dir, _, _ = tiny
+    real, loaded = loading.load_model, {}
+
+    def spy(path, **kwargs):
+        model, tokenizer = real(path, **kwargs)
+        loaded["dtype"] = model.dtype
+        return model, tokenizer
+
+    monkeypatch.setattr(loading, "load_model", spy)
+    fixtures = ["--tasks", "fx_yesno", "--include-path", str(FIXTURE_TASKS)]
+    assert main(["eval", str(model_dir), *fixtures, "--limit", "3", "--model-args", "dtype=bfloat16,max_length=64",
+                 "--gen-kwargs", "max_gen_toks=4", "--system-instruction", "Be brief."]) == 0
+    assert loaded["dtype"] == torch.bfloat16
+    assert main(["eval", str(model_dir), *fixtures, "--gen-kwargs", "do_sample=true"]) == 2
+    assert main(["eval", str(model_dir), *fixtures, "--model-args", "max_length"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert "greedy" in errors[-2] and "--model-args: 'max_length': expected key=value pairs" in errors[-1]

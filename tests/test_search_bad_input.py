@@ -193,6 +193,15 @@ CASES = {
                                  "method[1]: unknown method 'averaging'", None),
     "method in a list with no searched parameter": (
         {"method": ["task_arithmetic", "karcher"]}, [], "method: karcher has none of the searched parameters", None),
+    "sampling in gen_kwargs": ({"gen_kwargs": {"do_sample": True}}, [], "gen_kwargs.do_sample: True: every model is "
+                                                                       "scored greedily", None),
+    "fewshot_as_multiturn without a chat template": ({"fewshot_as_multiturn": True}, [],
+                                                      "fewshot_as_multiturn needs apply_chat_template", None),
+    "a revision in model_args": ({"model_args": {"revision": "main"}}, [], "model_args.revision: name the revision",
+                                 None),
+    "a model_args key lm-eval lacks": ({"model_args": {"max_lenght": 64}}, [],
+                                       "model_args.max_lenght: lm-eval's HF model has no such argument", None),
+    "a per-task limit of 2.5 documents": ({"tasks": [{"name": "zoo_cap", "limit": 2.5}]}, [], "tasks.0.limit", None),
     "perplexity text that is not there": ({"perplexity": [{"name": "held", "text": "file/nowhere.txt"}]}, [],
                                           "perplexity[0].text: ", None),
 }
@@ -397,7 +406,8 @@ def test_a_family_too_large_for_memory_is_one_line_before_anything_is_loaded(fam
         assert main([command, str(path)]) == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert "dtype: the live model (0.0 GiB), the sources converted to bfloat16" in err, err
-        assert "but 3.0 GiB is available; sources in bfloat16 would be memory-mapped instead of copied" in err, err
+        assert ("but 3.0 GiB is available; the sources are stored in float32: with dtype float32 they would be "
+                "memory-mapped, not copied") in err, err
     assert not (tmp_path / "run").exists()
 
 
@@ -415,3 +425,16 @@ def test_sources_in_the_search_dtype_are_mapped_and_the_task_vector_cache_fits_w
     assert roomy.cache_budget(4 * memory.GIB) == 4 * memory.GIB
     tight = memory.MemoryPlan(size, 0, 3 * size, memory.WORKING_BYTES + size + memory.GIB)
     assert tight.cache_budget(4 * memory.GIB) == memory.GIB // 2
+
+
+def test_lm_eval_options_of_a_search_config_reach_the_evaluator(fam, tmp_path):
+    from search.preflight import build_evaluator
+
+    config = SearchConfig.model_validate(good_config(
+        fam, tmp_path, tasks=[{"name": "zoo_cap", "limit": 4}, {"name": "zoo_rev"}], limit=7,
+        system_instruction="Answer.", gen_kwargs={"max_gen_toks": 3},
+        model_args={"dtype": "float32", "max_length": 32}))
+    evaluator = build_evaluator(config)
+    assert evaluator.document_counts() == {"zoo_cap": 4, "zoo_rev": 7}
+    assert evaluator.system_instruction == "Answer." and evaluator.model_args == {"max_length": 32}
+    assert evaluator.tasks["zoo_rev"].get_config("generation_kwargs")["max_gen_toks"] == 3

@@ -21,7 +21,11 @@ def run(args: argparse.Namespace) -> int:
                              split=None if args.split == "default" else args.split, limit=args.limit,
                              num_fewshot=args.num_fewshot, batch_size=args.batch_size,
                              apply_chat_template=args.apply_chat_template, perplexity=args.perplexity,
-                             device=args.device, threads=args.threads)
+                             device=args.device, threads=args.threads,
+                             fewshot_as_multiturn=args.fewshot_as_multiturn or None,
+                             system_instruction=args.system_instruction,
+                             gen_kwargs=_pairs(args.gen_kwargs, "--gen-kwargs"),
+                             model_args=_pairs(args.model_args, "--model-args"))
     print_scores(scores, title=f"{args.model_dir} ({args.split} split)")
     if output is not None:
         write_json_atomically(output, scores.to_dict(), "--output")
@@ -29,11 +33,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pairs(text: str | None, flag: str) -> dict:
+    """``key=value,key=value`` as lm-eval parses it (numbers and booleans typed)."""
+    from lm_eval.utils import simple_parse_args_string
+
+    if not text:
+        return {}
+    if any("=" not in part for part in text.split(",") if part):
+        raise EvomergeError(f"{flag}: {text!r}: expected key=value pairs separated by commas")
+    return simple_parse_args_string(text)
+
+
 def add(sub) -> None:
     from evaluators.tasks import DEFAULT_INCLUDE_PATH
 
     p = sub.add_parser("eval", help="score a model directory on lm-eval tasks and/or held-out perplexity")
-    p.add_argument("model_dir", help="Hugging Face model directory (config, weights and tokenizer)")
+    p.add_argument("model_dir", help="Hugging Face model directory (config, weights and tokenizer), or a hub id "
+                                     "NAME[@REVISION] in the local cache")
     p.add_argument("--tasks", default=None, help="comma-separated task names (project tasks or standard lm-eval ones)")
     p.add_argument("--include-path", default=str(DEFAULT_INCLUDE_PATH),
                    help="directory of task YAMLs (default: the project's configs/tasks)")
@@ -45,6 +61,13 @@ def add(sub) -> None:
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's own)")
     p.add_argument("--batch-size", type=int, default=32, help="batch size (default: 32)")
     p.add_argument("--apply-chat-template", action="store_true", help="wrap prompts in the tokenizer's chat template")
+    p.add_argument("--fewshot-as-multiturn", action="store_true",
+                   help="few-shot examples as chat turns (needs --apply-chat-template)")
+    p.add_argument("--system-instruction", default=None, help="system prompt before every request")
+    p.add_argument("--gen-kwargs", default=None, metavar="K=V,...",
+                   help="generation settings, e.g. max_gen_toks=64,until=\\n (greedy only: no sampling)")
+    p.add_argument("--model-args", default=None, metavar="K=V,...",
+                   help="lm-eval HF model arguments, e.g. dtype=bfloat16,revision=main,max_length=2048")
     p.add_argument("--perplexity", default=None, metavar="FILE", help="also score perplexity of this text file")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--threads", type=int, default=None,
