@@ -171,7 +171,8 @@ class LmEvalEvaluator:
                  apply_chat_template: bool = False, device: str = "cpu", gen_kwargs: dict[str, Any] | None = None,
                  metrics: dict[str, list[str]] | None = None, threads: int | None = None,
                  fewshot_as_multiturn: bool | None = None, system_instruction: str | None = None,
-                 limits: dict[str, int | float] | None = None, model_args: dict[str, Any] | None = None) -> None:
+                 limits: dict[str, int | float] | None = None, model_args: dict[str, Any] | None = None,
+                 backend: str = "hf", engine: dict[str, Any] | None = None) -> None:
         quiet_lm_eval()
         cache_prompt_templates()
         names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
@@ -184,7 +185,17 @@ class LmEvalEvaluator:
             check_limit(value)
         if fewshot_as_multiturn and not apply_chat_template:
             raise EvomergeError("fewshot_as_multiturn needs apply_chat_template (the few-shot turns are chat turns)")
-        self.model_args = check_model_args(model_args or {})
+        if backend not in ("hf", "vllm"):
+            raise EvomergeError(f"evaluator: {backend!r} is not a backend (hf or vllm)")
+        self.backend = backend
+        self.engine = dict(engine or {})  # vllm: the engine's pretrained directory, dtype and seed
+        if backend == "vllm":
+            from evaluators.vllm_backend import check_vllm
+
+            check_vllm(device)
+            if "pretrained" not in self.engine:
+                raise EvomergeError("evaluator: vllm needs the base model's directory to build its engine from")
+        self.model_args = check_model_args(model_args or {}) if backend == "hf" else dict(model_args or {})
         if num_fewshot is not None and num_fewshot < 0:
             raise EvomergeError(f"num_fewshot must be >= 0, got {num_fewshot}")
         if threads is not None and threads < 1:
@@ -211,6 +222,7 @@ class LmEvalEvaluator:
         if unknown:
             raise EvomergeError(f"limits given for tasks not evaluated: {', '.join(unknown)}")
         self._lm = None
+        self._engine = None
         self._requests: _Requests | None = None
 
     @property
@@ -347,6 +359,13 @@ class LmEvalEvaluator:
 
     def _lm_for(self, model: Any, tokenizer: Any):
         ensure_on_device(model, self.device)
+        if self.backend == "vllm":
+            if self._engine is None:
+                from evaluators.vllm_backend import VllmEngine
+
+                self._engine = VllmEngine(self.engine["pretrained"], dtype=self.engine.get("dtype", "auto"),
+                                          seed=self.engine.get("seed", 0), model_args=self.model_args)
+            return self._engine.sync(model)  # the candidate's weights, pushed into the one engine
         if self._lm is not None and self._lm.model is model and self._lm.tokenizer is tokenizer:
             return self._lm
         self._lm = _live_hflm_class()(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size,

@@ -165,6 +165,7 @@ class SearchConfig(StrictModel):
     system_instruction: str | None = None
     gen_kwargs: dict[str, Any] = Field(default_factory=dict)
     model_args: dict[str, Any] = Field(default_factory=dict)
+    evaluator: Literal["hf", "vllm"] = "hf"  # vllm: one engine on the GPU, each candidate's weights pushed into it
     batch_size: int = Field(default=64, ge=1)
     sampler: Literal[SAMPLERS] | None = None  # None: cmaes, or tpe where cmaes cannot serve (see ``sampler_name``)
     fidelity: Fidelity | None = None
@@ -234,6 +235,8 @@ class SearchConfig(StrictModel):
         if dtype is not None and str(dtype).removeprefix("torch.") != self.dtype:
             raise ValueError(f"model_args.dtype: {dtype!r}, but the live model is built in dtype: {self.dtype} "
                              "(set dtype instead)")
+        if self.evaluator == "vllm" and not self.device.startswith("cuda"):
+            raise ValueError(f"evaluator: vllm runs on CUDA; set device: cuda (it is {self.device})")
         if "revision" in self.model_args:
             raise ValueError("model_args.revision: name the revision with the model, NAME@REVISION, as mergekit does")
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from merge_core.adapters import SourceOpener, is_adapter, resolve_source, split_ref
 from merge_core.architecture import count_layers
-from merge_core.checkpoint import check_writable_dir
+from merge_core.checkpoint import check_writable_dir, resolve_model_path
 from merge_core.errors import EvomergeError
 from merge_core.memory import MemoryPlan, check_memory, plan_memory
 from merge_core.methods import check_inputs, get_method
@@ -226,7 +226,10 @@ def build_evaluator(config: SearchConfig, split: str = "search"):
                           threads=config.threads, apply_chat_template=config.apply_chat_template,
                           fewshot_as_multiturn=config.fewshot_as_multiturn,
                           system_instruction=config.system_instruction, gen_kwargs=config.gen_kwargs,
-                          limits=limits, model_args=model_args) if names else None)
+                          limits=limits, model_args=model_args, backend=config.evaluator,
+                          engine={"pretrained": str(resolve_model_path(config.base_model)), "dtype": config.dtype,
+                                  "seed": config.seed} if config.evaluator == "vllm" else None)
+          if names else None)
     if not texts:
         return lm
     held_out = [PerplexityEvaluator((p.test_text or p.text) if split == "test" else p.text, max_tokens=p.max_tokens,
