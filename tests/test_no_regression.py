@@ -41,7 +41,7 @@ def run(config_name: str, tmp_path_factory, **updates):
     return config, study, run_dir
 
 
-def test_scores(run_dir: Path, trial) -> Scores:
+def _test_split_scores(run_dir: Path, trial) -> Scores:
     """A trial's test-split scores as the report cached them."""
     cache = json.loads((run_dir / TEST_CACHE).read_text())
     return Scores.from_dict(next(v for k, v in cache.items() if k.startswith(f"trial {trial.number}@")))
@@ -74,7 +74,7 @@ def test_the_two_objective_fronts_best_average_is_no_worse_than_the_single_objec
     so_scores, mo_scores = (Scores.from_dict(t.user_attrs["scores"]) for t in (so_best, mo_best))
     low, high = paired_bootstrap(mo_scores, so_scores, so_config)
     assert high >= 0, (mo_best.user_attrs["average"], so_best.value, low, high)
-    low, high = paired_bootstrap(test_scores(run_dir, mo_best), test_scores(single[2], so_best), so_config)
+    low, high = paired_bootstrap(_test_split_scores(run_dir, mo_best), _test_split_scores(single[2], so_best), so_config)
     assert high >= 0, ("test split", low, high)
     front = yaml.safe_load((run_dir / "best_recipe.yaml").read_text())["evomerge"]["trial"]
     assert front == mo_best.number
