@@ -161,6 +161,16 @@ class EvolveConfig(StrictModel):
     batch_size: int | None = Field(default=None, ge=1)
     trust_remote_code: bool = False
 
+    @field_validator("tasks")
+    @classmethod
+    def _distinct_tasks(cls, tasks: list[Task]) -> list[Task]:
+        """mergekit-evolve may count one task twice, with two metrics; evomerge scores one metric a task."""
+        names = [t.name for t in tasks]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"task {name!r} is listed twice (evomerge's objective takes one metric per task)")
+        return tasks
+
     @field_validator("task_search_path")
     @classmethod
     def _one_path(cls, paths: str | list[str] | None) -> str | list[str] | None:
