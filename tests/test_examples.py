@@ -1,4 +1,5 @@
-"""Every example recipe (the seeds' recipes, pointed at the demo family) merges unchanged, loads and generates."""
+"""Every example recipe (the seeds' recipes, pointed at the demo family) merges unchanged, loads and generates;
+the example mergekit-evolve config is a valid search of the same family."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from search.cli import main
 pytestmark = pytest.mark.slow  # trains the demo family, runs searches or worker processes
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = sorted((ROOT / "configs" / "examples").glob("*.yaml"))
+EVOLVE_CONFIGS = sorted(p for p in (ROOT / "configs" / "examples").glob("*.yaml")
+                        if "genome" in yaml.safe_load(p.read_text()))
+EXAMPLES = sorted(set((ROOT / "configs" / "examples").glob("*.yaml")) - set(EVOLVE_CONFIGS))
 
 
 @pytest.fixture(scope="module")
@@ -42,3 +45,21 @@ def test_example_recipe_merges_loads_and_generates(family, recipe, tmp_path, mon
 def test_examples_cover_every_recipe_shape_of_the_seeds():
     methods = {yaml.safe_load(p.read_text())["merge_method"] for p in EXAMPLES}
     assert {"linear", "slerp", "task_arithmetic", "ties", "dare_ties", "passthrough", "moe"} <= methods
+
+
+def test_there_is_an_example_mergekit_evolve_config():
+    assert [p.name for p in EVOLVE_CONFIGS] == ["mergekit_evolve.yaml"]
+
+
+@pytest.mark.parametrize("config", EVOLVE_CONFIGS, ids=lambda p: p.stem)
+def test_example_mergekit_evolve_config_validates_as_the_demo_search(family, config, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    assert main(["validate", str(config)]) == 0
+    assert capsys.readouterr().err == ""  # no ignored key
+    assert main(["search", str(config), "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    demo_config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    for key in ("base_model", "models", "method", "fixed", "include_path", "n_trials", "seed"):
+        assert printed[key] == demo_config[key], key
+    assert [t["name"] for t in printed["tasks"]] == [t["name"] for t in demo_config["tasks"]]
+    assert set(printed["parameters"]) == set(demo_config["parameters"])

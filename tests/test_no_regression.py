@@ -74,7 +74,8 @@ def test_the_two_objective_fronts_best_average_is_no_worse_than_the_single_objec
     so_scores, mo_scores = (Scores.from_dict(t.user_attrs["scores"]) for t in (so_best, mo_best))
     low, high = paired_bootstrap(mo_scores, so_scores, so_config)
     assert high >= 0, (mo_best.user_attrs["average"], so_best.value, low, high)
-    low, high = paired_bootstrap(_test_split_scores(run_dir, mo_best), _test_split_scores(single[2], so_best), so_config)
+    low, high = paired_bootstrap(_test_split_scores(run_dir, mo_best), _test_split_scores(single[2], so_best),
+                                 so_config)
     assert high >= 0, ("test split", low, high)
     front = yaml.safe_load((run_dir / "best_recipe.yaml").read_text())["evomerge"]["trial"]
     assert front == mo_best.number

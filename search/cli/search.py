@@ -8,20 +8,42 @@ from merge_core.errors import EvomergeError
 
 
 def _search_config(args: argparse.Namespace):
+    """The config with the flags applied, read as a mergekit-evolve config when asked or when it has a
+    ``genome:`` key; with ``--print-config`` it is printed as an evomerge search config (None returned)."""
+    import sys
     from pathlib import Path
 
-    from search.config import load_search_config, with_overrides
+    import yaml
 
-    config = load_search_config(args.config)
+    from merge_core.recipe import read_yaml_mapping
+    from search.config import FLAG_FIELDS, load_search_config, with_overrides
+    from search.mergekit_evolve import is_mergekit_evolve, load_as_search_config
+
+    what = "mergekit-evolve config" if args.from_mergekit_evolve else "search config"
+    data = read_yaml_mapping(args.config, what)
+    if args.from_mergekit_evolve or is_mergekit_evolve(data):
+        config, conversion = load_as_search_config(args.config)
+        data = conversion.config
+        for warning in conversion.warnings:
+            print(f"warning: {args.config}: {warning}", file=sys.stderr)
+    else:
+        config = load_search_config(args.config)
     flags = {"--storage": args.storage, "--n-trials": args.n_trials, "--timeout": args.timeout,
              "--max-items": args.max_items, "--device": args.device, "--study-name": args.study_name}
-    return with_overrides(config, flags), Path(args.config).parent
+    config = with_overrides(config, flags)
+    if args.print_config:
+        overrides = {FLAG_FIELDS[flag]: value for flag, value in flags.items() if value is not None}
+        print(yaml.safe_dump({**data, **overrides}, sort_keys=False), end="")
+        return None, None
+    return config, Path(args.config).parent
 
 
 def cmd_search(args: argparse.Namespace) -> int:
     from search.loop import search
 
     config, config_dir = _search_config(args)
+    if config is None:
+        return 0
     study = search(config, config_dir=config_dir, progress=not args.quiet, rerun=_rerun(args))
     print_outcome(study)
     _require_complete_trial(study)
@@ -84,6 +106,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from search.loop import check_config
 
     config, config_dir = _search_config(args)
+    if config is None:
+        return 0
     summary = check_config(config, config_dir, rerun=_rerun(args))
     table = Table(title=f"{args.config}: valid", show_header=False)
     for key, value in summary.items():
@@ -96,6 +120,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def _add_search_options(p) -> None:
     p.add_argument("config", help="search config YAML (see README: search config reference)")
+    p.add_argument("--from-mergekit-evolve", action="store_true",
+                   help="CONFIG is a mergekit-evolve config (genome + tasks); a config with a genome: key is "
+                        "read as one without this flag too")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the config as an evomerge search config (converted, flags applied) and stop")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite under results/<name>/)")
     p.add_argument("--study-name", default=None, help="study name (default: the config's name)")
     p.add_argument("--n-trials", type=int, default=None, help="total number of trials in the study")
