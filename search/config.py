@@ -135,6 +135,77 @@ class Fidelity(StrictModel):
         return [None if r == "all" else r for r in self.rungs]
 
 
+# In ``routing.sources``: the parameter search's best merge (a PS + DFS search runs the parameter search first).
+MERGE_SOURCE = "merge"
+
+
+class LayerRange(StrictModel):
+    """Layers ``layer_range`` = [start, end) of one model (a source's path or label), as in mergekit's slices."""
+
+    model: str = Field(min_length=1)
+    layer_range: tuple[int, int]
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        start, end = self.layer_range
+        if not 0 <= start < end:
+            raise ValueError(f"layer_range {list(self.layer_range)}: need 0 <= start < end")
+        return self
+
+
+class ScaleRange(StrictModel):
+    """Bounds of each slot's scale on what its layer adds to the residual stream."""
+
+    low: float = Field(gt=0, allow_inf_nan=False)
+    high: float = Field(gt=0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if not self.low <= 1 <= self.high:
+            raise ValueError(f"[{self.low}, {self.high}] must hold 1 (a layer as it is)")
+        return self
+
+
+class RoutingSpec(StrictModel):
+    """A layer-path search (Sakana's data-flow space): the candidate slots are ``slots`` (default: every layer
+    of each of ``sources`` in order, the whole sequence ``repeats`` times), each slot kept or not and, with
+    ``scale``, scaled; a path keeps between ``min_layers`` and ``max_layers`` slots. ``start`` is the first
+    path scored (default: the first source's own layers). With ``parameters`` the parameter search runs first
+    and ``merge`` in ``sources`` is its best merge; ``n_trials`` and ``sampler`` then are this stage's."""
+
+    sources: list[str] | None = Field(default=None, min_length=1)  # default: models
+    repeats: int = Field(default=1, ge=1, le=8)
+    slots: list[LayerRange] | None = Field(default=None, min_length=1)
+    min_layers: int = Field(default=1, ge=1)
+    max_layers: int | None = Field(default=None, ge=1)
+    scale: ScaleRange | None = None
+    start: list[LayerRange] | None = Field(default=None, min_length=1)
+    n_trials: int | None = Field(default=None, ge=1)
+    sampler: str | None = None
+
+    @field_validator("sources")
+    @classmethod
+    def _distinct(cls, sources: list[str] | None) -> list[str] | None:
+        if sources is not None and len(set(sources)) != len(sources):
+            raise ValueError(f"{next(s for s in sources if sources.count(s) > 1)!r} is listed twice")
+        return sources
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if self.max_layers is not None and self.max_layers < self.min_layers:
+            raise ValueError(f"max_layers ({self.max_layers}) is below min_layers ({self.min_layers})")
+        if self.sampler is not None and self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler: {self.sampler!r} is not one of {', '.join(SAMPLERS)}")
+        if self.start is not None and self.max_layers is not None:
+            length = sum(r.layer_range[1] - r.layer_range[0] for r in self.start)
+            if not self.min_layers <= length <= self.max_layers:
+                raise ValueError(f"start: a path of {length} layers, outside min_layers..max_layers "
+                                 f"({self.min_layers}..{self.max_layers})")
+        return self
+
+
 def default_storage_url(run_dir: Path) -> str:
     """Where a run keeps its study unless ``storage`` says otherwise: SQLite beside the run's outputs."""
     return f"sqlite:///{(run_dir / 'study.db').as_posix()}"
@@ -183,6 +254,7 @@ class SearchConfig(StrictModel):
     output_dir: str | None = Field(default=None, min_length=1)
     device: str = "cpu"
     threads: int | None = Field(default=None, ge=1)
+    routing: RoutingSpec | None = None  # a layer-path search (after the parameter search when there is one)
 
     @field_validator("name")
     @classmethod
@@ -218,6 +290,7 @@ class SearchConfig(StrictModel):
         if len(set(texts)) != len(texts):
             raise ValueError(f"perplexity: {next(n for n in texts if texts.count(n) > 1)!r} is named twice")
         self._check_lm_eval_options()
+        self._check_routing()
         self._check_objectives()
         self._check_sampler()
         return self
@@ -239,6 +312,17 @@ class SearchConfig(StrictModel):
             raise ValueError(f"evaluator: vllm runs on CUDA; set device: cuda (it is {self.device})")
         if "revision" in self.model_args:
             raise ValueError("model_args.revision: name the revision with the model, NAME@REVISION, as mergekit does")
+
+    def _check_routing(self) -> None:
+        if self.routing is None:
+            return
+        sources = self.routing.sources or self.models
+        if MERGE_SOURCE in sources and not self.parameters:
+            raise ValueError(f"routing.sources: {MERGE_SOURCE!r} is the parameter search's best merge, and this "
+                             "config searches no parameters (give parameters, or list models)")
+        if self.routing.n_trials is not None and not self.parameters:
+            raise ValueError("routing.n_trials: a layer-path search alone takes n_trials (this one is for the "
+                             "stage after a parameter search)")
 
     def _check_objectives(self) -> None:
         scored = set(self.scored_tasks)
@@ -308,6 +392,11 @@ class SearchConfig(StrictModel):
         return len(self.objective_groups) > 1
 
     @property
+    def routing_only(self) -> bool:
+        """A layer-path search alone: the candidates are paths through the sources' layers, nothing merged."""
+        return self.routing is not None and not self.parameters
+
+    @property
     def run_dir(self) -> Path:
         return Path(self.output_dir or f"results/{self.name}")
 
@@ -323,6 +412,8 @@ class SearchConfig(StrictModel):
 def check_method_parameters(config: SearchConfig) -> None:
     """Searched and fixed parameters must be parameters of the method (with a method list: of at least one
     listed method), and each method's required parameters must be searched or fixed."""
+    if config.routing is not None and not config.parameters:
+        return  # a layer-path search alone merges nothing: the method and its parameters are unused
     field = "method" if isinstance(config.method, str) else "method[{}]"
     methods = []
     for i, name in enumerate(config.methods):

@@ -38,11 +38,13 @@ from merge_core.errors import EvomergeError
 from merge_core.memory import check_memory, load_in_memory, plan_memory
 from merge_core.plan import Source
 from merge_core.recipe import load_recipe
+from merge_core.routing import LayerBank, Slot, assemble, live_model, path_of_recipe
 from merge_core.runtime import DTYPES, progress_bar
 from search._optuna_compat import heartbeat, rdb_backend, set_user_attrs_in_one_transaction, storage_of, trial_id
 from search.config import SearchConfig
 from search.objectives import Objective, anchors_from, describe_objective
 from search.preflight import build_evaluator, preflight, root_cause, sqlite_file
+from search.routing import RoutingSpace, routing_space
 from search.samplers import make_pruner, make_sampler, rung_step
 from search.space import (
     METHOD_KEY,
@@ -209,6 +211,8 @@ class Workbench:
     precompute_bytes: int = PRECOMPUTE_BYTES
     objective: Objective | None = None  # set once the baselines are scored (the relative scale's anchors)
     baseline_scores: dict[str, Any] = field(default_factory=dict)  # label → Scores, for constraints
+    routing: RoutingSpace | None = None  # a layer-path search: candidates are paths through ``bank``'s layers
+    bank: LayerBank | None = None
 
     def distribution(self, key: str):
         """The Optuna distribution of one key of the space (a float dimension, or the method)."""
@@ -221,6 +225,8 @@ class Workbench:
 
     def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
         """The trial's point: its method (with a method list), then that method's dimensions."""
+        if self.routing is not None:
+            return {d.key: trial.suggest_float(d.key, d.low, d.high) for d in self.dims}
         point: dict[str, Any] = {}
         method = self.config.methods[0]
         if len(self.config.methods) > 1:
@@ -242,17 +248,26 @@ class Workbench:
         """The candidate's recipe; ``portable`` spells model paths out (an adapter as ``BASE+ADAPTER``, which
         mergekit reads) and records the seed, for export."""
         paths = export_paths(self.paths, self.config.base_model) if portable else None
-        recipe = build_recipe(self.config, self.dims, values, self.num_layers, paths)
+        if self.routing is not None:
+            recipe = self.routing.recipe(values, paths)
+        else:
+            recipe = build_recipe(self.config, self.dims, values, self.num_layers, paths)
         if portable:
             recipe["evomerge"] = {"version": _version(), "seed": self.config.seed}
         return recipe
 
     def materialize(self, recipe: dict[str, Any]) -> None:
+        if self.routing is not None:
+            assemble(self.model, self.bank, path_of_recipe(recipe))
+            return
         merge_into(self.model, load_recipe(recipe, strict=True), self.sources, device=self.config.device,
                    seed=self.config.seed, cache=self.cache, precompute_bytes=self.precompute_bytes)
 
     def load_source(self, ref: str) -> None:
         """Put one source model's own weights into the live model (for baselines)."""
+        if self.routing is not None:
+            assemble(self.model, self.bank, [Slot(ref, layer) for layer in range(self.bank.num_layers(ref))])
+            return
         state = self.model.state_dict()
         with torch.no_grad():
             for name, tensor in state.items():
@@ -302,6 +317,8 @@ def self_contained(config: SearchConfig, config_dir: Path | None) -> SearchConfi
 def open_workbench(config: SearchConfig, config_dir: Path | None = None, evaluator=None) -> Workbench:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if config.routing_only:
+        return open_routing_workbench(config, config_dir, evaluator)
     paths = resolve_paths(config, config_dir)
     dtype = DTYPES[config.dtype]
     opener = SourceOpener()
@@ -319,6 +336,31 @@ def open_workbench(config: SearchConfig, config_dir: Path | None = None, evaluat
     bench = Workbench(config, paths, sources, model, tokenizer, evaluator or build_evaluator(config), num_layers)
     bench.dims = dimensions(config, num_layers)
     bench.precompute_bytes = memory.cache_budget(PRECOMPUTE_BYTES) if config.device == "cpu" else PRECOMPUTE_BYTES
+    return bench
+
+
+def open_routing_workbench(config: SearchConfig, config_dir: Path | None = None, evaluator=None) -> Workbench:
+    """A layer-path search's bench: every source in memory once, its modules over those tensors (``LayerBank``),
+    and a live model whose layer list each candidate repoints (nothing merged, nothing copied)."""
+    from transformers import AutoTokenizer
+
+    paths = resolve_paths(config, config_dir)
+    dtype = DTYPES[config.dtype]
+    opener = SourceOpener()
+    readers = {ref: opener.open(path, paths[config.base_model]) for ref, path in paths.items()}
+    if config.device == "cpu":
+        check_memory(plan_memory(readers, config.base_model, dtype), config.dtype)
+    sources = load_in_memory(readers, dtype=dtype, device=config.device)
+    for ref, exported in export_paths(paths, config.base_model).items():
+        sources.setdefault(exported, sources[ref])
+    bank = LayerBank(sources, dtype, config.device)
+    layer_counts = {ref: bank.num_layers(ref) for ref in sources}
+    space = routing_space(config, layer_counts)
+    model = live_model(bank, config.base_model)
+    tokenizer = AutoTokenizer.from_pretrained(paths[config.base_model])
+    bench = Workbench(config, paths, sources, model, tokenizer, evaluator or build_evaluator(config),
+                      layer_counts[config.base_model], routing=space, bank=bank)
+    bench.dims = space.dims
     return bench
 
 
@@ -395,7 +437,7 @@ def add_source_trials(study: optuna.Study, bench: Workbench, baselines: dict[str
     existing = {t.user_attrs.get("source") for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
     if "sources" not in bench.config.warm_start:
         return
-    for label, point in source_points(bench.config, bench.dims).items():
+    for label, point in _source_points(bench).items():
         if label in existing or label not in baselines:
             continue
         baseline = baselines[label]
@@ -405,6 +447,15 @@ def add_source_trials(study: optuna.Study, bench: Workbench, baselines: dict[str
         study.add_trial(optuna.trial.create_trial(
             params=point, distributions=distributions, values=baseline["values"], user_attrs=attrs,
             constraints=constraint_values(attrs)))
+
+
+def _source_points(bench: Workbench) -> dict[str, dict[str, Any]]:
+    if bench.routing is None:
+        return source_points(bench.config, bench.dims)
+    labels = model_labels([bench.config.base_model, *bench.config.models])
+    points = {labels[ref]: bench.routing.point(bench.routing.source_path(ref, bench.bank.num_layers(ref)))
+              for ref in bench.routing.sources if ref in labels}
+    return {label: point for label, point in points.items() if point is not None}
 
 
 class _StopFlag:
@@ -634,7 +685,9 @@ def create_study(config: SearchConfig, bench: Workbench, rerun: str = "check") -
     if "config" not in study.user_attrs:
         study.set_user_attr("config", json.loads(config.model_dump_json()))
         study.set_user_attr("evomerge_version", _version())
-        if "handwritten" in config.warm_start:  # one per method, so each method starts from the same place
+        if "handwritten" in config.warm_start and bench.routing is not None:
+            study.enqueue_trial(bench.routing.start_point(), user_attrs={"handwritten": True}, skip_if_exists=True)
+        elif "handwritten" in config.warm_start:  # one per method, so each method starts from the same place
             for method in config.methods:
                 study.enqueue_trial(handwritten_point(config, bench.dims, method), user_attrs={"handwritten": True},
                                     skip_if_exists=True)

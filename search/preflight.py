@@ -22,8 +22,10 @@ from merge_core.memory import MemoryPlan, check_memory, plan_memory
 from merge_core.methods import check_inputs, get_method
 from merge_core.plan import Source, plan_merge
 from merge_core.recipe import load_recipe
+from merge_core.routing import check_same_shape
 from merge_core.runtime import DTYPES, check_device
-from search.config import EVERY_TASK, SearchConfig
+from search.config import EVERY_TASK, MERGE_SOURCE, SearchConfig
+from search.routing import routing_sources, routing_space
 from search.space import METHOD_KEY, Dimension, build_recipe, dimensions, dims_for, handwritten_point, model_labels
 
 
@@ -199,6 +201,53 @@ def check_recipes(config: SearchConfig, dims: list[Dimension], num_layers: int, 
     return tensors
 
 
+def _routing_shapes(where: dict[str, str], readers: dict[str, Source]) -> dict[str, int]:
+    """Sources of one layer path share an architecture and widths (their layer counts may differ): one line
+    naming the source and the key that differ. Returns each source's layer count."""
+    configs = {ref: readers[ref].config for ref in where}
+    try:
+        check_same_shape(configs)
+    except EvomergeError as exc:
+        ref = str(exc).split(":")[0]
+        raise EvomergeError(f"{where.get(ref, 'models')}: {exc}") from None
+    return {ref: count_layers(readers[ref].names, readers[ref].config, ref) for ref in where}
+
+
+def check_routing(config: SearchConfig, paths: dict[str, str], readers) -> tuple[int, list[Dimension], int]:
+    """A layer-path search alone: distinct sources of one shape, the space's slots, bounds and start, and
+    the start path's recipe planned. Returns (the base's layers, the dimensions, the recipe's tensors)."""
+    seen: dict[str, str] = {}
+    for ref in config.models:
+        if paths[ref] in seen:
+            raise EvomergeError(f"models: {ref} and {seen[paths[ref]]} are the same model ({paths[ref]})")
+        seen[paths[ref]] = ref
+    refs = {config.base_model: "base_model", **{ref: "models" for ref in config.models}}
+    counts = _routing_shapes(refs, readers)
+    for i, ref in enumerate(routing_sources(config)):
+        if ref not in readers:
+            raise EvomergeError(f"routing.sources[{i}]: {ref!r} is not one of models")
+    space = routing_space(config, counts)
+    plan = plan_merge(load_recipe(space.recipe(space.start_point()), strict=True), readers)
+    return counts[config.base_model], space.dims, len(plan.jobs)
+
+
+def check_routing_stage(config: SearchConfig, paths: dict[str, str], readers, num_layers: int,
+                        config_dir: Path | None) -> None:
+    """The layer-path stage after a parameter search: its sources other than the merge (which has the base's
+    shape) readable and of the base's shape, and its space with the merge's layer count."""
+    opener = SourceOpener()
+    refs: dict[str, str] = {config.base_model: "base_model"}
+    counts = {MERGE_SOURCE: num_layers}
+    for i, ref in enumerate(routing_sources(config)):
+        if ref == MERGE_SOURCE:
+            continue
+        if ref not in readers:
+            readers = {**readers, ref: opener.open(resolve_source(ref, config_dir), paths[config.base_model])}
+        refs[ref] = f"routing.sources[{i}]"
+    counts |= _routing_shapes(refs, readers)
+    routing_space(config, counts)
+
+
 def check_live_model(config: SearchConfig, path: str) -> None:
     """The base is also the live model and its tokenizer: transformers must know its architecture and
     load its tokenizer."""
@@ -345,10 +394,15 @@ def preflight(config: SearchConfig, config_dir: Path | None = None, evaluator: A
     check_base_is_a_model(config, paths[config.base_model])
     opener = SourceOpener()
     readers = {ref: opener.open(path, paths[config.base_model]) for ref, path in paths.items()}
-    num_layers = check_models(config, paths, readers)
+    if config.routing_only:
+        num_layers, dims, tensors = check_routing(config, paths, readers)
+    else:
+        num_layers = check_models(config, paths, readers)
+        dims = dimensions(config, num_layers)
+        tensors = check_recipes(config, dims, num_layers, readers)
+        if config.routing is not None:
+            check_routing_stage(config, paths, readers, num_layers, config_dir)
     check_live_model(config, paths[config.base_model])
-    dims = dimensions(config, num_layers)
-    tensors = check_recipes(config, dims, num_layers, readers)
     memory = plan_memory(readers, config.base_model, DTYPES[config.dtype])
     if config.device == "cpu":  # on a GPU the sources and the live model are copied to its memory
         check_memory(memory, config.dtype)
