@@ -39,20 +39,26 @@ def _search_config(args: argparse.Namespace):
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from search.loop import search
+    from search.stages import run_stages
 
     config, config_dir = _search_config(args)
     if config is None:
         return 0
-    study = search(config, config_dir=config_dir, progress=not args.quiet, rerun=_rerun(args))
-    print_outcome(study)
-    _require_complete_trial(study)
+    stages = run_stages(config, config_dir=config_dir, progress=not args.quiet, rerun=_rerun(args))
+    for stage, study in stages:
+        if len(stages) > 1:
+            print(f"{study.study_name}: ", end="")
+        print_outcome(study)
+        _require_complete_trial(study)
     if not args.no_report:
         from search.report import write_report
 
-        report = write_report(config.run_dir, storage=config.storage_url, study_name=config.study,
-                              progress=not args.quiet)
-        print(f"report: {report}")
+        # the parameter search's report again last: it shows the layer-path stage's leaderboard too
+        for stage, _ in stages + stages[:-1]:
+            write_report(stage.run_dir, storage=stage.storage_url, study_name=stage.study,
+                         progress=not args.quiet)
+        for stage, _ in stages:
+            print(f"report: {stage.run_dir / 'report.html'}")
     return 0
 
 

@@ -183,10 +183,35 @@ def _sections(study, ranked, front, rows: list[Row], config, run_dir: Path, stor
     if len(config.methods) > 1:
         table, text = method_rationale(study, ranked, rows, config)
         sections.append(("Method rationale", table, text))
+    sections += stage_sections(study, config, run_dir)
     sections.append(("Source models", source_inventory(rows, study.user_attrs.get("baselines", {}), config),
                      "score: what ranks trials (see the objective above) on each split; weights sha256: the first "
                      "16 hex digits of a SHA-256 over the weight files, recorded when the search scored them."))
     return [(title, _rounded(table), text) for title, table, text in sections]
+
+
+def stage_sections(study, config, run_dir: Path) -> list[tuple[str, object, str]]:
+    """PS + DFS: each stage's report shows the other stage's leaderboard (as that stage's report last wrote it)."""
+    import pandas as pd
+
+    from search.routing import STAGE_DIR
+    from search.stages import STAGE1_KEY
+
+    stage1 = study.user_attrs.get(STAGE1_KEY)
+    if stage1 is not None:
+        other, title = Path(stage1["run_dir"]), f"Stage 1: parameter search (study {stage1['study']!r})"
+        text = (f"This layer-path search started from trial {stage1['trial']} of the parameter search, whose merge "
+                f"is the source {Path(stage1['merge']).name} here ({stage1['merge']}); its report: "
+                f"{other / 'report.html'}.")
+    elif config.routing is not None and not config.routing_only:
+        other, title = run_dir / STAGE_DIR, "Stage 2: layer paths through the best merge"
+        text = f"The layer-path search after this one; its report: {other / 'report.html'}."
+    else:
+        return []
+    board = other / "leaderboard.csv"
+    if not board.is_file():
+        return [(title, pd.DataFrame({"": ["not run yet"]}), text)]
+    return [(title, display_frame(pd.read_csv(board)), text)]
 
 
 def _rounded(frame):
