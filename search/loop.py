@@ -213,6 +213,9 @@ class Workbench:
     baseline_scores: dict[str, Any] = field(default_factory=dict)  # label → Scores, for constraints
     routing: RoutingSpace | None = None  # a layer-path search: candidates are paths through ``bank``'s layers
     bank: LayerBank | None = None
+    # recipe → (trial number, scores) of candidates this process scored in full: a sampler that proposes the
+    # same candidate again (a layer path is discrete) gets its scores without a second evaluation
+    scored: dict[str, tuple[int, Any]] = field(default_factory=dict)
 
     def distribution(self, key: str):
         """The Optuna distribution of one key of the space (a float dimension, or the method)."""
@@ -221,12 +224,12 @@ class Workbench:
         if key == METHOD_KEY:
             return CategoricalDistribution(self.config.methods)
         d = next(d for d in self.dims if d.key == key)
-        return FloatDistribution(d.low, d.high)
+        return FloatDistribution(d.low, d.high, step=d.step)
 
     def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
         """The trial's point: its method (with a method list), then that method's dimensions."""
         if self.routing is not None:
-            return {d.key: trial.suggest_float(d.key, d.low, d.high) for d in self.dims}
+            return {d.key: trial.suggest_float(d.key, d.low, d.high, step=d.step) for d in self.dims}
         point: dict[str, Any] = {}
         method = self.config.methods[0]
         if len(self.config.methods) > 1:
@@ -505,6 +508,9 @@ def _score_trial(study: optuna.Study, trial: optuna.Trial, bench: Workbench) -> 
             values = bench.suggest(trial)
             recipe = bench.recipe(values)
             _set_user_attrs(study, trial, {"worker": _worker_id(), "recipe": bench.recipe(values, portable=True)})
+            key = json.dumps(recipe, sort_keys=True)
+            if key in bench.scored and not bench.config.fidelity:
+                return _tell_again(study, trial, bench, *bench.scored[key])
             started = time.perf_counter()
             bench.materialize(recipe)
             merged = time.perf_counter()
@@ -530,6 +536,7 @@ def _score_trial(study: optuna.Study, trial: optuna.Trial, bench: Workbench) -> 
                 trial.set_constraint(key, value)
             if not last:
                 return study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
+            bench.scored[key] = (trial.number, scores)
             return study.tell(trial, objective_values, skip_if_finished=True)
         except KeyboardInterrupt:  # a second Ctrl-C: the candidate is not at fault, so it is queued again
             if storage_of(study).get_trial(trial_id(trial)).state == TrialState.RUNNING:
@@ -540,6 +547,17 @@ def _score_trial(study: optuna.Study, trial: optuna.Trial, bench: Workbench) -> 
         except (Exception, MemoryError) as exc:
             return _fail(study, trial, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
                          candidate_failed=True)
+
+
+def _tell_again(study: optuna.Study, trial: optuna.Trial, bench: Workbench, number: int,
+                scores) -> optuna.trial.FrozenTrial:
+    """A candidate scored before (trial ``number``): the same scores, no evaluation, no items spent."""
+    attrs = {"scores": scores.to_dict(), "materialize_seconds": 0.0, "eval_seconds": 0.0, "items": 0,
+             "same_as": number, **bench.outcome(scores)}
+    _set_user_attrs(study, trial, attrs)
+    for k, value in (constraint_values(attrs) or {}).items():
+        trial.set_constraint(k, value)
+    return study.tell(trial, bench.objective.values(scores), skip_if_finished=True)
 
 
 def _fail(study: optuna.Study, trial: optuna.Trial, reason: str,

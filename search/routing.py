@@ -49,7 +49,7 @@ class RoutingSpace:
         labels, dims = self.labels, []
         for i, (ref, layer) in enumerate(self.slots):
             name = f"[{i:02d}:{labels[ref]}.{layer}]"
-            dims.append(Dimension(f"{KEEP}{name}", KEEP, ref, None, i, None, 0.0, 1.0))
+            dims.append(Dimension(f"{KEEP}{name}", KEEP, ref, None, i, None, 0.0, 1.0, step=1.0))
             if self.scale is not None:
                 dims.append(Dimension(f"{SCALE}{name}", SCALE, ref, None, i, None, *self.scale))
         return dims

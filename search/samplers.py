@@ -39,7 +39,8 @@ NSGA2_POPULATION = 12
 
 def fixed_space(dims: list[Dimension]) -> dict[str, FloatDistribution]:
     """The search's dimensions as Optuna distributions, sorted by name as Optuna sorts a relative space."""
-    return {d.key: FloatDistribution(d.low, d.high) for d in sorted(dims, key=lambda d: d.key) if d.low < d.high}
+    return {d.key: FloatDistribution(d.low, d.high, step=d.step) for d in sorted(dims, key=lambda d: d.key)
+            if d.low < d.high}
 
 
 class _KnownSpaceCmaEsSampler(optuna.samplers.CmaEsSampler):

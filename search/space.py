@@ -34,6 +34,7 @@ class Dimension:
     low: float
     high: float
     methods: tuple[str, ...] = ()  # the listed methods that have this parameter
+    step: float | None = None  # a discrete dimension (a layer path's keep: 0 or 1)
 
 
 def model_labels(models: list[str]) -> dict[str, str]:
