@@ -320,6 +320,9 @@ class SearchConfig(StrictModel):
         if MERGE_SOURCE in sources and not self.parameters:
             raise ValueError(f"routing.sources: {MERGE_SOURCE!r} is the parameter search's best merge, and this "
                              "config searches no parameters (give parameters, or list models)")
+        if self.evaluator == "vllm":
+            raise ValueError("routing: a vLLM engine has a fixed number of layers, and layer paths change it; use "
+                             "evaluator: hf")
         if self.routing.n_trials is not None and not self.parameters:
             raise ValueError("routing.n_trials: a layer-path search alone takes n_trials (this one is for the "
                              "stage after a parameter search)")

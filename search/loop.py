@@ -557,7 +557,26 @@ def _tell_again(study: optuna.Study, trial: optuna.Trial, bench: Workbench, numb
     _set_user_attrs(study, trial, attrs)
     for k, value in (constraint_values(attrs) or {}).items():
         trial.set_constraint(k, value)
-    return study.tell(trial, bench.objective.values(scores), skip_if_finished=True)
+    frozen = study.tell(trial, bench.objective.values(scores), skip_if_finished=True)
+    if bench.routing is not None:
+        _enqueue_neighbor(study, bench, trial.number)
+    return frozen
+
+
+def _enqueue_neighbor(study: optuna.Study, bench: Workbench, number: int) -> None:
+    """A sampler that proposes a layer path it has seen has settled on a plateau (TPE does so on 0/1
+    dimensions): queue one unscored path a slot away from the best, so the next trial moves on from there."""
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.params]
+    if not complete:
+        return
+    best = sorted(complete, key=rank_key)[0]
+    waiting = {json.dumps(t.params, sort_keys=True) for t in study.get_trials(deepcopy=False,
+                                                                               states=(TrialState.WAITING,))}
+    fresh = [p for p in bench.routing.neighbors(best.params)
+             if json.dumps(bench.recipe(p), sort_keys=True) not in bench.scored
+             and json.dumps(p, sort_keys=True) not in waiting]
+    if fresh:
+        study.enqueue_trial(random.Random(number).choice(fresh), user_attrs={"neighbor_of": best.number})
 
 
 def _fail(study: optuna.Study, trial: optuna.Trial, reason: str,
@@ -893,6 +912,16 @@ def progress_status(done: list[optuna.trial.FrozenTrial], frozen, reference: tup
     return text + f" · trial {frozen.number}: " + outcome
 
 
+def _routing_text(config: SearchConfig, dims: list[Dimension]) -> str:
+    spec = config.routing
+    if not config.routing_only:
+        return (f"then layer paths through {', '.join(spec.sources or config.models)} "
+                f"({spec.n_trials or config.n_trials} trials, study {config.study}-routing)")
+    slots = sum(d.param == "keep" for d in dims)
+    scale = f", scale [{spec.scale.low}, {spec.scale.high}]" if spec.scale else ""
+    return f"{slots} candidate slots, paths of {spec.min_layers}..{spec.max_layers or slots} layers{scale}"
+
+
 def _constraint_text(c) -> str:
     slack = (f", tolerance {c.tolerance:g}" if c.tolerance else "") + (f", ratio {c.ratio:g}" if c.ratio != 1 else "")
     return f"{c.task}{' ' + c.metric if c.metric else ''} no worse than {c.no_worse_than}{slack}"
@@ -912,7 +941,9 @@ def check_config(config: SearchConfig, config_dir: Path | None = None, rerun: st
     return {"models": checked.paths, "layers": checked.num_layers, "dimensions": [d.key for d in checked.dims],
             "tensors": checked.tensors,
             "tasks": list(getattr(evaluator, "task_names", [t.name for t in config.tasks])),
-            "methods": config.methods, "objective": describe_objective(config),
+            "methods": ["layer paths (passthrough)"] if config.routing_only else config.methods,
+            **({"routing": _routing_text(config, checked.dims)} if config.routing is not None else {}),
+            "objective": describe_objective(config),
             "objectives": [f"{name}: {', '.join(tasks)}" for name, tasks in config.objective_groups],
             "constraints": [_constraint_text(c) for c in config.constraints] or "none",
             "storage": config.storage_url, "sampler": config.sampler_name, "n_trials": config.n_trials,

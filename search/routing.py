@@ -80,6 +80,22 @@ class RoutingSpace:
             point[d.key] = (1.0 if d.block in chosen else 0.0) if d.param == KEEP else 1.0
         return point
 
+    def neighbors(self, values: dict[str, Any]) -> list[dict[str, float]]:
+        """The points one move away from ``values``, each a different path: one slot added or dropped (a
+        ``keep`` flipped), or one kept slot swapped for one left out (the same length)."""
+        keys = [d.key for d in self.dims if d.param == KEEP]
+        kept = [k for k in keys if round(values[k])]
+        moves = [[k] for k in keys] + [[a, b] for a in kept for b in keys if b not in kept]
+        seen = {tuple(self.path(values))}
+        out = []
+        for move in moves:
+            point = {**values, **{k: 1.0 - round(values[k]) for k in move}}
+            path = tuple(self.path(point))
+            if path not in seen:
+                seen.add(path)
+                out.append(point)
+        return out
+
     def start_point(self) -> dict[str, float]:
         return self.point(self.start)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import optuna
 
 from merge_core.engine import merge
+from merge_core.errors import EvomergeError
 from merge_core.recipe import load_recipe
 from search.config import SearchConfig
 from search.routing import STAGE_DIR, stage_config
@@ -32,7 +33,11 @@ def routing_stage(study: optuna.Study, config: SearchConfig) -> tuple[SearchConf
     best = choose_best(completed_trials(study), config)[0][0]
     merge_dir = (config.run_dir / STAGE_DIR / f"merge_trial{best.number}").resolve()
     if not (merge_dir / "config.json").is_file():
-        merge(load_recipe(best.user_attrs["recipe"]), merge_dir, seed=config.seed, force=merge_dir.exists())
+        try:
+            merge(load_recipe(best.user_attrs["recipe"]), merge_dir, seed=config.seed, force=merge_dir.exists())
+        except EvomergeError:
+            if not (merge_dir / "config.json").is_file():  # else another worker wrote the same merge first
+                raise
     record = {"study": config.study, "run_dir": str(config.run_dir.resolve()), "trial": best.number,
               "merge": str(merge_dir)}
     return stage_config(config, merge_dir), record

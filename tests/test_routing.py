@@ -134,6 +134,19 @@ def test_the_space_repairs_a_point_to_the_length_bounds_by_its_keep_values():
     assert [(s.model, s.layer) for s in space.path(space.start_point())] == space.start
 
 
+def test_neighbors_add_drop_or_swap_one_slot():
+    space = _space(min_layers=1, max_layers=5)
+    keys = [d.key for d in space.dims if d.param == "keep"]
+    point = dict(zip(keys, [1.0, 0.0, 1.0, 0.0, 0.0]))  # a0, a2
+    paths = {tuple((s.model, s.layer) for s in space.path(p)) for p in space.neighbors(point)}
+    flips = {(("a", 2),), (("a", 0),), (("a", 0), ("a", 1), ("a", 2)), (("a", 0), ("a", 2), ("b", 0)),
+             (("a", 0), ("a", 2), ("b", 1))}
+    swaps = {(("a", 1), ("a", 2)), (("a", 2), ("b", 0)), (("a", 2), ("b", 1)), (("a", 0), ("a", 1)),
+             (("a", 0), ("b", 0)), (("a", 0), ("b", 1))}
+    assert paths == flips | swaps
+    assert len(space.neighbors(point)) == len(flips | swaps)  # each a different path
+
+
 def test_repeats_and_scales_make_the_dimensions():
     space = _space(repeats=2, scale={"low": 0.5, "high": 1.5})
     assert len(space.slots) == 10 and len(space.dims) == 20
@@ -172,12 +185,15 @@ def test_a_layer_path_search_recovers_the_original_layers_of_a_model_extended_wi
     extended = tmp_path / "extended"
     originals = extend_with_perturbed_layers(tmp_path / "llama" / "ft1", extended, copies=1, noise=1.0)
     config = SearchConfig.model_validate(_config(tmp_path, base_model=fam["base"], models=[str(extended)],
-                                                 routing={"min_layers": 2}, sampler="tpe", n_trials=60))
+                                                 routing={"min_layers": 2}, sampler="tpe", n_trials=100))
     study = search(config, evaluator=TeacherEvaluator(fam["ft1"]), progress=False)
     best = max((t for t in study.trials if t.value is not None), key=lambda t: t.value)
     path = path_of_recipe(best.user_attrs["recipe"])
     assert [s.layer for s in path] == originals, path
     assert best.value > 0.999
+    # a path proposed again is told its score without an evaluation, and a path one move from the best queued
+    again = [t for t in study.trials if "same_as" in t.user_attrs]
+    assert all(t.user_attrs["items"] == 0 and t.value == study.trials[t.user_attrs["same_as"]].value for t in again)
 
 
 def test_ps_plus_dfs_runs_both_stages_and_the_stage_recipe_merges_to_the_evaluated_model(tmp_path, monkeypatch,
@@ -247,12 +263,14 @@ def _bad_cases(fam, other):
                                        "routing.start: not a path through the candidate slots in their order"),
         "scale without 1": ({**base, "routing": {"scale": {"low": 1.2, "high": 2}}},
                             "routing.scale: [1.2, 2.0] must hold 1"),
+        "vllm": ({**base, "routing": {}, "evaluator": "vllm", "device": "cuda"},
+                 "routing: a vLLM engine has a fixed number of layers"),
     }
 
 
 CASES = ["start longer than max_layers", "slot naming a missing model", "slot naming a missing layer",
          "max_layers beyond the slots", "min above max", "sources of another architecture",
-         "merge without a parameter search", "start off the slots' order", "scale without 1"]
+         "merge without a parameter search", "start off the slots' order", "scale without 1", "vllm"]
 
 
 @pytest.mark.parametrize("command", ["validate", "search"])
