@@ -3,8 +3,8 @@
 1. Recovery: a trained model (the ``cap`` fine-tune of a family) extended with one perturbed copy after each
    layer (noise of 1 standard deviation per tensor), so the original layers are the known best path among
    2^(2L) subsets; a layer-path search over the extended model alone, scored on the perplexity of the skill's
-   correct answers (lower is better), should find the original path. Printed per sampler and seed: the first trial whose path is the
-   original one, the first that reaches the original model's score, and the best objective.
+   correct answers (lower is better), should find the original path. Printed per sampler and seed: the first
+   trial whose path is the original one, the first that reaches the original model's score, and the best.
 2. PS + DFS: the family's parameter search (TIES weights and densities), then layer paths through its best
    merge and the three skill fine-tunes, with scales; the stage's leaderboard gives PS alone (the merge's row)
    and PS + DFS (the best row) on the search and test splits, with paired-bootstrap CIs.
