@@ -107,27 +107,46 @@ def recovery(fam: dict, samplers: list[str], seeds: int, trials: int, out: Path)
                   f"{study.user_attrs['baselines']['cap_extended']['objective']:.4f} | {seconds:.3f} |", flush=True)
 
 
-def ps_dfs(fam: dict, trials: int, dfs_trials: int, out: Path) -> Path:
+def ps_dfs(fam: dict, trials: int, dfs_trials: int, seeds: int, out: Path) -> Path:
+    import pandas as pd
     import yaml
 
     from search.cli import main
 
-    run = out / "psdfs"
     skills = [m for m in fam["models"] if not m.endswith("rev2")]
-    config = {"name": "psdfs", "base_model": fam["base_model"], "models": fam["models"], "method": "ties",
-              "parameters": {"weight": {"low": 0.0, "high": 1.5}, "density": {"low": 0.2, "high": 1.0}},
-              "tasks": TASKS, "include_path": str(REPO / "configs" / "tasks"), "n_trials": trials, "seed": 0,
-              "output_dir": str(run),
-              "routing": {"sources": ["merge", *skills], "max_layers": None, "scale": {"low": 0.5, "high": 1.5},
-                          "n_trials": dfs_trials, "sampler": "tpe"}}
-    path = out / "psdfs.yaml"
-    path.write_text(yaml.safe_dump(config))
-    started = time.time()
-    assert main(["search", str(path), "--quiet"]) == 0
-    print(f"\n2. PS + DFS: {trials} + {dfs_trials} trials in {time.time() - started:.0f} s")
-    board = (run / "routing" / "leaderboard.md").read_text().split("\n## ")[0]
-    print(board)
-    return run
+    print(f"\n2. PS + DFS: {trials} parameter-search trials, then {dfs_trials} layer-path trials through the best "
+          "merge and the skill fine-tunes (scales in [0.5, 1.5]); Δ: PS + DFS minus PS alone, paired bootstrap 95%")
+    print("| seed | PS (search) | PS + DFS (search) | Δ search [CI] | PS (test) | PS + DFS (test) | Δ test [CI] | "
+          "layers | s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for seed in range(seeds):
+        run = out / f"psdfs_{seed}"
+        config = {"name": "psdfs", "base_model": fam["base_model"], "models": fam["models"], "method": "ties",
+                  "parameters": {"weight": {"low": 0.0, "high": 1.5}, "density": {"low": 0.2, "high": 1.0}},
+                  "tasks": TASKS, "include_path": str(REPO / "configs" / "tasks"), "n_trials": trials,
+                  "seed": seed, "output_dir": str(run),
+                  "routing": {"sources": ["merge", *skills], "scale": {"low": 0.5, "high": 1.5},
+                              "n_trials": dfs_trials}}
+        path = out / f"psdfs_{seed}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        started = time.time()
+        assert main(["search", str(path), "--quiet"]) == 0
+        seconds = time.time() - started
+        board = pd.read_csv(run / "routing" / "leaderboard.csv")
+        ps = board[board["model"].str.startswith("merge_trial")].iloc[0]
+        best = board[board["role"].str.contains("best", na=False)].iloc[0]
+        delta = {split: next(c for c in board.columns if c.startswith("Δ vs") and c.endswith(f"({split})"))
+                 for split in ("search", "test")}
+        assert "merge_trial" in delta["search"], delta  # Δ is against the best source: the merge
+        layers = len(path_of_recipe(yaml.safe_load((run / "routing" / "best_recipe.yaml").read_text())))
+
+        def ci(split):
+            return (f"{best[delta[split]]:+.3f} [{best[f'Δ CI low ({split})']:+.3f}, "
+                    f"{best[f'Δ CI high ({split})']:+.3f}]")
+        print(f"| {seed} | {ps['average (search)']:.3f} | {best['average (search)']:.3f} | {ci('search')} | "
+              f"{ps['average (test)']:.3f} | {best['average (test)']:.3f} | {ci('test')} | {layers} | {seconds:.0f} |",
+              flush=True)
+    return out / "psdfs_0"
 
 
 def speed(run: Path) -> None:
@@ -163,7 +182,7 @@ def main() -> None:
         if "recovery" not in args.skip:
             recovery(fam, args.samplers.split(","), args.seeds, args.trials, out)
         if "psdfs" not in args.skip:
-            speed(ps_dfs(fam, args.ps_trials, args.dfs_trials, out))
+            speed(ps_dfs(fam, args.ps_trials, args.dfs_trials, args.seeds, out))
 
 
 if __name__ == "__main__":

@@ -372,9 +372,12 @@ class SearchConfig(StrictModel):
     @property
     def sampler_name(self) -> str:
         """The sampler that runs: as named, else cmaes, or tpe where the search has several objectives,
-        constraints or a method list (TPE takes all three; see the README's measurements)."""
+        constraints or a method list (TPE takes all three; see the README's measurements); for layer paths
+        nsga2 (tpe with fidelity, which nsga2 cannot use)."""
         if self.sampler is not None:
             return self.sampler
+        if self.routing_only:  # measured on layer paths: README, "Layer paths"
+            return "tpe" if self.fidelity is not None else "nsga2"
         return "tpe" if self.multi_objective or self.constraints or len(self.methods) > 1 else "cmaes"
 
     @property

@@ -181,7 +181,7 @@ def stage_config(config: SearchConfig, merge_dir: Path) -> SearchConfig:
                "n_trials": None, "sampler": None}
     data = {**config.model_dump(), "models": sources, "method": config.methods[0], "parameters": {}, "fixed": {},
             "routing": routing,
-            "n_trials": spec.n_trials or config.n_trials, "sampler": spec.sampler or config.sampler,
+            "n_trials": spec.n_trials or config.n_trials, "sampler": spec.sampler,
             "output_dir": str(config.run_dir / STAGE_DIR), "storage": config.storage_url,
             "study_name": config.study + STAGE_SUFFIX}
     return SearchConfig.model_validate(data)

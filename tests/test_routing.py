@@ -147,6 +147,12 @@ def test_neighbors_add_drop_or_swap_one_slot():
     assert len(space.neighbors(point)) == len(flips | swaps)  # each a different path
 
 
+def test_layer_paths_default_to_nsga2_and_to_tpe_with_fidelity():
+    data = {"base_model": "base", "models": ["a"], "tasks": [{"name": "t"}], "routing": {}}
+    assert SearchConfig.model_validate(data).sampler_name == "nsga2"
+    assert SearchConfig.model_validate({**data, "fidelity": {"rungs": [5, "all"]}}).sampler_name == "tpe"
+
+
 def test_repeats_and_scales_make_the_dimensions():
     space = _space(repeats=2, scale={"low": 0.5, "high": 1.5})
     assert len(space.slots) == 10 and len(space.dims) == 20
