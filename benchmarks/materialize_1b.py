@@ -4,7 +4,8 @@ The search materializes each candidate into one live model (``merge_into``); mer
 ``--in-memory`` writes every candidate to disk and loads it with ``from_pretrained``. This prints both
 for a TIES candidate (3 fine-tunes, density 0.5, bf16; random weights from the family writer of
 ``merge_vs_mergekit.py``, cached under ``--workdir``). The first candidate also fills the search cache
-(task vectors within ``PRECOMPUTE_BYTES``, magnitude histograms); the second one is a typical trial.
+(task vectors within ``PRECOMPUTE_BYTES``, magnitude histograms); the second one is a typical trial. Last,
+a layer-path candidate (``merge_core.routing``) over the same sources.
 
 Memory: the four sources in bf16 (~2.5 GB each), the live model, and the bounded cache.
 
@@ -33,6 +34,7 @@ from merge_core import load_recipe, merge  # noqa: E402
 from merge_core.checkpoint import CheckpointReader  # noqa: E402
 from merge_core.engine import merge_into  # noqa: E402
 from merge_core.memory import TensorSource  # noqa: E402
+from merge_core.routing import LayerBank, Slot, assemble, live_model  # noqa: E402
 from search.loop import PRECOMPUTE_BYTES  # noqa: E402
 
 
@@ -71,6 +73,19 @@ def main(argv=None) -> int:
           f"precomputed of {PRECOMPUTE_BYTES / 2**30:.0f}): {materialize[0]:6.1f} s")
     print(f"  in memory, next candidate:                             {materialize[1]:6.1f} s")
     print(f"  to disk {to_disk:.1f} s + from_pretrained {load:.1f} s:              {to_disk + load:6.1f} s")
+    live = cache = None  # freed before the layer bank is built
+    # a layer-path candidate: the sources' modules built once over the same tensors, then repointed per path
+    built = time.perf_counter()
+    bank = LayerBank(sources, torch.bfloat16)
+    routed = live_model(bank, str(base))
+    built = time.perf_counter() - built
+    layers = bank.num_layers(str(base))
+    refs = [str(p) for p in [base, *finetunes]]
+    paths = [[Slot(refs[(i + k) % len(refs)], i % layers, 0.9 if i % 3 else 1.0) for i in range(layers + k)]
+             for k in range(5)]
+    per_path = [timed(lambda p=p: assemble(routed, bank, p)) for p in paths]
+    print(f"  layer path of {layers}-{layers + 4} slots from the {len(refs)} models: modules built once in "
+          f"{built:.2f} s, then {1000 * sorted(per_path)[2]:.1f} ms per candidate (median of 5)")
     return 0
 
 

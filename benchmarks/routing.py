@@ -11,7 +11,7 @@
 3. Speed: seconds per trial (materialize + evaluate) of the parameter search and of the layer-path stage.
 
     python benchmarks/routing.py [--family demo|deep] [--samplers tpe,cmaes,random] [--seeds 3] [--trials 200]
-                                 [--ps-trials 10] [--dfs-trials 60] [--skip recovery|psdfs]
+                                 [--ps-trials 10] [--dfs-trials 100] [--dfs-sampler S] [--skip recovery|psdfs]
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def recovery(fam: dict, samplers: list[str], seeds: int, trials: int, out: Path)
                   f"{study.user_attrs['baselines']['cap_extended']['objective']:.4f} | {seconds:.3f} |", flush=True)
 
 
-def ps_dfs(fam: dict, trials: int, dfs_trials: int, seeds: int, out: Path) -> Path:
+def ps_dfs(fam: dict, trials: int, dfs_trials: int, seeds: int, out: Path, sampler: str | None = None) -> Path:
     import pandas as pd
     import yaml
 
@@ -115,7 +115,8 @@ def ps_dfs(fam: dict, trials: int, dfs_trials: int, seeds: int, out: Path) -> Pa
 
     skills = [m for m in fam["models"] if not m.endswith("rev2")]
     print(f"\n2. PS + DFS: {trials} parameter-search trials, then {dfs_trials} layer-path trials through the best "
-          "merge and the skill fine-tunes (scales in [0.5, 1.5]); Δ: PS + DFS minus PS alone, paired bootstrap 95%")
+          f"merge and the skill fine-tunes (scales in [0.5, 1.5]; sampler {sampler or 'default'}); Δ: PS + DFS minus "
+          "PS alone, paired bootstrap 95%")
     print("| seed | PS (search) | PS + DFS (search) | Δ search [CI] | PS (test) | PS + DFS (test) | Δ test [CI] | "
           "layers | s |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -126,7 +127,7 @@ def ps_dfs(fam: dict, trials: int, dfs_trials: int, seeds: int, out: Path) -> Pa
                   "tasks": TASKS, "include_path": str(REPO / "configs" / "tasks"), "n_trials": trials,
                   "seed": seed, "output_dir": str(run),
                   "routing": {"sources": ["merge", *skills], "scale": {"low": 0.5, "high": 1.5},
-                              "n_trials": dfs_trials}}
+                              "n_trials": dfs_trials, "sampler": sampler}}
         path = out / f"psdfs_{seed}.yaml"
         path.write_text(yaml.safe_dump(config))
         started = time.time()
@@ -173,7 +174,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--trials", type=int, default=200)
     parser.add_argument("--ps-trials", type=int, default=10)
-    parser.add_argument("--dfs-trials", type=int, default=60)
+    parser.add_argument("--dfs-trials", type=int, default=100)
+    parser.add_argument("--dfs-sampler", default=None, help="the layer-path stage's sampler (default: nsga2)")
     parser.add_argument("--skip", default="", help="parts to skip: recovery,psdfs")
     args = parser.parse_args()
     fam = family(args.family)
@@ -182,7 +184,7 @@ def main() -> None:
         if "recovery" not in args.skip:
             recovery(fam, args.samplers.split(","), args.seeds, args.trials, out)
         if "psdfs" not in args.skip:
-            speed(ps_dfs(fam, args.ps_trials, args.dfs_trials, args.seeds, out))
+            speed(ps_dfs(fam, args.ps_trials, args.dfs_trials, args.seeds, out, args.dfs_sampler))
 
 
 if __name__ == "__main__":

@@ -224,12 +224,26 @@ def test_ps_plus_dfs_runs_both_stages_and_the_stage_recipe_merges_to_the_evaluat
     assert (merged / "config.json").is_file()
     board = (stage / "leaderboard.md").read_text()
     assert "## Stage 1: parameter search" in board and merged.name in board
+    assert "## Layer path of the best recipe" in board
     assert "## Stage 2: layer paths" in (run / "leaderboard.md").read_text()
     best = yaml.safe_load((stage / "best_recipe.yaml").read_text())
     assert best["merge_method"] == "passthrough"
     merge(load_recipe(best), tmp_path / "best", copy_tokenizer=False)
     value = evaluator.score(AutoModelForCausalLM.from_pretrained(tmp_path / "best"), None).value("closeness")
     assert value == pytest.approx(best["evomerge"]["objective"], abs=1e-5)
+
+
+def test_a_layer_path_search_resumes_where_it_stopped(tmp_path):
+    fam = _fam(tmp_path, "qwen2")
+    data = _config(tmp_path, base_model=fam["base"], models=[fam["ft1"], fam["ft2"]],
+                   routing={"max_layers": 5, "scale": {"low": 0.5, "high": 1.5}}, n_trials=5)
+    evaluator = TeacherEvaluator(fam["ft1"])
+    first = search(SearchConfig.model_validate(data), evaluator=evaluator, progress=False)
+    numbers = [t.number for t in first.trials if "source" not in t.user_attrs]
+    again = search(SearchConfig.model_validate({**data, "n_trials": 9}), evaluator=evaluator, progress=False)
+    counted = [t for t in again.trials if "source" not in t.user_attrs]
+    assert len(counted) == 9 and [t.number for t in counted][:5] == numbers
+    assert all(len(path_of_recipe(t.user_attrs["recipe"])) <= 5 for t in counted if t.value is not None)
 
 
 def _write(tmp_path, data):

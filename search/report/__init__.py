@@ -183,11 +183,29 @@ def _sections(study, ranked, front, rows: list[Row], config, run_dir: Path, stor
     if len(config.methods) > 1:
         table, text = method_rationale(study, ranked, rows, config)
         sections.append(("Method rationale", table, text))
+    if config.routing_only:
+        sections.append(("Layer path of the best recipe", layer_path_frame(ranked[0].user_attrs["recipe"]),
+                         "Each row a run of consecutive layers of one model and one scale (on what the layers "
+                         "add to the residual stream); top to bottom is input to output."))
     sections += stage_sections(study, config, run_dir)
     sections.append(("Source models", source_inventory(rows, study.user_attrs.get("baselines", {}), config),
                      "score: what ranks trials (see the objective above) on each split; weights sha256: the first "
                      "16 hex digits of a SHA-256 over the weight files, recorded when the search scored them."))
     return [(title, _rounded(table), text) for title, table, text in sections]
+
+
+def layer_path_frame(recipe):
+    import pandas as pd
+
+    from merge_core.routing import path_of_recipe, runs
+
+    rows, at = [], 0
+    for model, start, end, scale in runs(path_of_recipe(recipe)):
+        rows.append({"slots": f"{at}–{at + end - start - 1}" if end - start > 1 else str(at),
+                     "model": Path(model).name, "layers": f"{start}–{end - 1}" if end - start > 1 else str(start),
+                     "scale": scale})
+        at += end - start
+    return pd.DataFrame(rows)
 
 
 def stage_sections(study, config, run_dir: Path) -> list[tuple[str, object, str]]:
