@@ -256,8 +256,14 @@ def _write(tmp_path, data):
 def shapes(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")
     fam = _fam(root, "llama")
-    wide = make_family(root / "wide", "qwen2", n_finetunes=1)
-    return fam, {k: str(v) for k, v in wide.items()}
+    other = {k: str(v) for k, v in make_family(root / "other", "qwen2", n_finetunes=1).items()}
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    wide = LlamaForCausalLM(LlamaConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=4,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
+                                        tie_word_embeddings=False))
+    wide.save_pretrained(root / "wide")
+    return fam, {**other, "wide": str(root / "wide")}
 
 
 def _bad_cases(fam, other):
@@ -276,6 +282,8 @@ def _bad_cases(fam, other):
                           "routing: max_layers (3) is below min_layers (5)"),
         "sources of another architecture": ({**base, "models": [fam["ft1"], other["ft1"]], "routing": {}},
                                             "models: " + other["ft1"] + ": its model_type is 'qwen2'"),
+        "sources of another width": ({**base, "models": [fam["ft1"], other["wide"]], "routing": {}},
+                                     "models: " + other["wide"] + ": its hidden_size is 48 but"),
         "merge without a parameter search": ({**base, "routing": {"sources": ["merge"]}},
                                              "routing.sources: 'merge' is the parameter search's best merge"),
         "start off the slots' order": ({**base, "routing": {"start": [{"model": "ft2", "layer_range": [0, 1]},
@@ -289,7 +297,7 @@ def _bad_cases(fam, other):
 
 
 CASES = ["start longer than max_layers", "slot naming a missing model", "slot naming a missing layer",
-         "max_layers beyond the slots", "min above max", "sources of another architecture",
+         "max_layers beyond the slots", "min above max", "sources of another architecture", "sources of another width",
          "merge without a parameter search", "start off the slots' order", "scale without 1", "vllm"]
 
 
