@@ -215,6 +215,8 @@ def test_ps_plus_dfs_runs_both_stages_and_the_stage_recipe_merges_to_the_evaluat
     monkeypatch.setattr("search.preflight.build_checked_evaluator", lambda config: evaluator)
     monkeypatch.setattr("search.preflight.build_evaluator", lambda config, split="search": evaluator)
     monkeypatch.setattr("search.loop.build_evaluator", lambda config, split="search": evaluator)
+    import search.report.leaderboard  # the test split's evaluator too (bound when the module was imported)
+    monkeypatch.setattr(search.report.leaderboard, "build_evaluator", lambda config, split="search": evaluator)
     assert main(["search", str(path), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "route: 6 trials complete" in out and "route-routing: 8 trials complete" in out
