@@ -14,6 +14,7 @@ as a study of its own beside the first (``<study>-routing``, report in ``<run>/r
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +41,11 @@ class RoutingSpace:
     start: list[tuple[str, int]]
     dtype: str
 
-    @property
+    @cached_property
     def labels(self) -> dict[str, str]:
         return model_labels(self.sources)
 
-    @property
+    @cached_property
     def dims(self) -> list[Dimension]:
         labels, dims = self.labels, []
         for i, (ref, layer) in enumerate(self.slots):
