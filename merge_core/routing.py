@@ -140,10 +140,6 @@ class LayerBank:
                 built[id(source)] = self._build(ref, source)
             self.models[ref] = built[id(source)]
 
-    def add(self, ref: str, model: nn.Module) -> None:
-        """A live model (a parameter search's merge) as one more source, used as it is."""
-        self.models[ref] = model
-
     def num_layers(self, ref: str) -> int:
         return len(_decoder(self.models[ref]).layers)
 

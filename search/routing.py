@@ -23,7 +23,7 @@ from merge_core.routing import Slot, path_recipe
 from search.config import MERGE_SOURCE, LayerRange, SearchConfig
 from search.space import Dimension, model_labels
 
-__all__ = ["RoutingSpace", "routing_space", "stage_config", "STAGE_DIR", "STAGE_SUFFIX"]
+__all__ = ["RoutingSpace", "routing_space", "routing_sources", "stage_config", "STAGE_DIR", "STAGE_SUFFIX"]
 
 KEEP = "keep"
 SCALE = "scale"
