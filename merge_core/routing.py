@@ -111,13 +111,15 @@ def path_of_recipe(recipe: Mapping[str, Any]) -> list[Slot]:
     return path
 
 
-def check_same_shape(configs: Mapping[str, Mapping[str, Any]]) -> None:
-    """Sources of one path must share an architecture and every width (their layer counts may differ)."""
+def check_same_shape(configs: Mapping[str, Mapping[str, Any]], where: Mapping[str, str] | None = None) -> None:
+    """Sources of one path must share an architecture and every width (their layer counts may differ); the
+    error names the differing source, after ``where[source]`` (its config field) when given."""
     (first, reference), *others = configs.items()
     for ref, config in others:
         for key in _SHAPE_KEYS:
             if config.get(key) != reference.get(key):
-                raise EvomergeError(f"{ref}: its {key} is {config.get(key)!r} but {first}'s is "
+                field = f"{where[ref]}: " if where and ref in where else ""
+                raise EvomergeError(f"{field}{ref}: its {key} is {config.get(key)!r} but {first}'s is "
                                     f"{reference.get(key)!r}; the layers of one path must have one architecture "
                                     "and one width")
 
@@ -289,11 +291,20 @@ def _tied_head(model: nn.Module, embedding: nn.Module) -> nn.Module:
     return head
 
 
+def _per_layer_lists(config) -> dict[str, list]:
+    """A config's per-layer lists, by the rule of ``architecture.with_layer_count``: a ``layer…`` key whose
+    list has one entry per layer (``layer_types``…)."""
+    data = config.to_dict()
+    count = data.get(layer_count_key(data) or "num_hidden_layers")
+    return {k: v for k, v in data.items() if k.startswith("layer") and isinstance(v, list) and len(v) == count}
+
+
 def _route_config(config, sources: list, layers: list[int]) -> None:
-    """The live config's layer count and per-layer lists (e.g. ``layer_types``) as the path has them."""
+    """The live config's layer count and per-layer lists as the path has them: each slot's entry from its
+    own model's list."""
+    lists = {id(s): _per_layer_lists(s) for s in sources}
     key = layer_count_key(config.to_dict()) or "num_hidden_layers"
     setattr(config, key, len(layers))
-    for name in ("layer_types",):
-        values = [getattr(s, name, None) for s in sources]
-        if all(isinstance(v, list) for v in values):
-            setattr(config, name, [v[i] for v, i in zip(values, layers)])
+    for name in lists[id(sources[0])]:
+        if all(name in lists[id(s)] for s in sources):
+            setattr(config, name, [lists[id(s)][name][i] for s, i in zip(sources, layers)])

@@ -213,8 +213,8 @@ class Workbench:
     baseline_scores: dict[str, Any] = field(default_factory=dict)  # label → Scores, for constraints
     routing: RoutingSpace | None = None  # a layer-path search: candidates are paths through ``bank``'s layers
     bank: LayerBank | None = None
-    # recipe → (trial number, scores) of candidates this process scored in full: a sampler that proposes the
-    # same candidate again (a layer path is discrete) gets its scores without a second evaluation
+    # layer paths: recipe → (trial number, scores) of the paths this process scored in full, so that a path
+    # the sampler proposes again gets its scores without a second evaluation
     scored: dict[str, tuple[int, Any]] = field(default_factory=dict)
 
     def distribution(self, key: str):
@@ -317,24 +317,31 @@ def self_contained(config: SearchConfig, config_dir: Path | None) -> SearchConfi
                                      "include_path": local(config.include_path), "perplexity": texts})
 
 
+def _load_sources(config: SearchConfig, config_dir: Path | None):
+    """Every source read once, checked against free memory and held in memory (also under the names exported
+    recipes give them, which the report re-materializes). Returns (paths, readers, sources, memory plan)."""
+    paths = resolve_paths(config, config_dir)
+    opener = SourceOpener()
+    readers = {ref: opener.open(path, paths[config.base_model]) for ref, path in paths.items()}
+    memory = plan_memory(readers, config.base_model, DTYPES[config.dtype])
+    if config.device == "cpu":
+        check_memory(memory, config.dtype)
+    sources = load_in_memory(readers, dtype=DTYPES[config.dtype], device=config.device)
+    for ref, exported in export_paths(paths, config.base_model).items():
+        sources.setdefault(exported, sources[ref])
+    return paths, readers, sources, memory
+
+
 def open_workbench(config: SearchConfig, config_dir: Path | None = None, evaluator=None) -> Workbench:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if config.routing_only:
         return open_routing_workbench(config, config_dir, evaluator)
-    paths = resolve_paths(config, config_dir)
-    dtype = DTYPES[config.dtype]
-    opener = SourceOpener()
-    readers = {ref: opener.open(path, paths[config.base_model]) for ref, path in paths.items()}
+    paths, readers, sources, memory = _load_sources(config, config_dir)
     base = readers[config.base_model]
     num_layers = count_layers(base.names, base.config, config.base_model)
-    memory = plan_memory(readers, config.base_model, dtype)
-    if config.device == "cpu":
-        check_memory(memory, config.dtype)
-    sources = load_in_memory(readers, dtype=dtype, device=config.device)
-    for ref, exported in export_paths(paths, config.base_model).items():
-        sources.setdefault(exported, sources[ref])  # exported recipes (the report re-materializes them) name these
-    model = AutoModelForCausalLM.from_pretrained(paths[config.base_model], dtype=dtype).to(config.device).eval()
+    model = AutoModelForCausalLM.from_pretrained(paths[config.base_model], dtype=DTYPES[config.dtype])
+    model = model.to(config.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(paths[config.base_model])
     bench = Workbench(config, paths, sources, model, tokenizer, evaluator or build_evaluator(config), num_layers)
     bench.dims = dimensions(config, num_layers)
@@ -347,16 +354,8 @@ def open_routing_workbench(config: SearchConfig, config_dir: Path | None = None,
     and a live model whose layer list each candidate repoints (nothing merged, nothing copied)."""
     from transformers import AutoTokenizer
 
-    paths = resolve_paths(config, config_dir)
-    dtype = DTYPES[config.dtype]
-    opener = SourceOpener()
-    readers = {ref: opener.open(path, paths[config.base_model]) for ref, path in paths.items()}
-    if config.device == "cpu":
-        check_memory(plan_memory(readers, config.base_model, dtype), config.dtype)
-    sources = load_in_memory(readers, dtype=dtype, device=config.device)
-    for ref, exported in export_paths(paths, config.base_model).items():
-        sources.setdefault(exported, sources[ref])
-    bank = LayerBank(sources, dtype, config.device)
+    paths, _, sources, _ = _load_sources(config, config_dir)
+    bank = LayerBank(sources, DTYPES[config.dtype], config.device)
     layer_counts = {ref: bank.num_layers(ref) for ref in sources}
     space = routing_space(config, layer_counts)
     model = live_model(bank, config.base_model)
@@ -508,9 +507,10 @@ def _score_trial(study: optuna.Study, trial: optuna.Trial, bench: Workbench) -> 
             values = bench.suggest(trial)
             recipe = bench.recipe(values)
             _set_user_attrs(study, trial, {"worker": _worker_id(), "recipe": bench.recipe(values, portable=True)})
-            key = json.dumps(recipe, sort_keys=True)
-            if key in bench.scored and not bench.config.fidelity:
-                return _tell_again(study, trial, bench, *bench.scored[key])
+            # only a layer path (discrete) is proposed again; without fidelity its score is its full score
+            recipe_key = json.dumps(recipe, sort_keys=True) if bench.routing and not bench.config.fidelity else None
+            if recipe_key in bench.scored:
+                return _tell_again(study, trial, bench, *bench.scored[recipe_key])
             started = time.perf_counter()
             bench.materialize(recipe)
             merged = time.perf_counter()
@@ -536,7 +536,8 @@ def _score_trial(study: optuna.Study, trial: optuna.Trial, bench: Workbench) -> 
                 trial.set_constraint(key, value)
             if not last:
                 return study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
-            bench.scored[key] = (trial.number, scores)
+            if recipe_key is not None:
+                bench.scored[recipe_key] = (trial.number, scores)
             return study.tell(trial, objective_values, skip_if_finished=True)
         except KeyboardInterrupt:  # a second Ctrl-C: the candidate is not at fault, so it is queued again
             if storage_of(study).get_trial(trial_id(trial)).state == TrialState.RUNNING:

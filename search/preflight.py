@@ -204,12 +204,7 @@ def check_recipes(config: SearchConfig, dims: list[Dimension], num_layers: int, 
 def _routing_shapes(where: dict[str, str], readers: dict[str, Source]) -> dict[str, int]:
     """Sources of one layer path share an architecture and widths (their layer counts may differ): one line
     naming the source and the key that differ. Returns each source's layer count."""
-    configs = {ref: readers[ref].config for ref in where}
-    try:
-        check_same_shape(configs)
-    except EvomergeError as exc:
-        ref = str(exc).split(":")[0]
-        raise EvomergeError(f"{where.get(ref, 'models')}: {exc}") from None
+    check_same_shape({ref: readers[ref].config for ref in where}, where)
     return {ref: count_layers(readers[ref].names, readers[ref].config, ref) for ref in where}
 
 

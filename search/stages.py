@@ -47,14 +47,12 @@ def run_stages(config: SearchConfig, *, config_dir: Path | None = None, **kwargs
                                                                                                optuna.Study]]:
     """Each stage's (config, study): the one search, or with PS + DFS the parameter search then the layer
     paths. ``kwargs`` go to ``search.loop.search``."""
-    from search.loop import search
+    from search.loop import search, self_contained
 
     study = search(config, config_dir=config_dir, **kwargs)
     stages = [(config, study)]
     if config.routing is None or config.routing_only:
         return stages
-    from search.loop import self_contained
-
     stage, record = routing_stage(study, self_contained(config, config_dir))
     routed = search(stage, **kwargs)
     if routed.user_attrs.get(STAGE1_KEY) != record:

@@ -248,6 +248,17 @@ def test_a_layer_path_search_resumes_where_it_stopped(tmp_path):
     assert all(len(path_of_recipe(t.user_attrs["recipe"])) <= 5 for t in counted if t.value is not None)
 
 
+def test_a_path_told_again_has_the_recipe_of_the_trial_it_repeats_with_constraints_too(tmp_path):
+    fam = _fam(tmp_path, "llama", layers=2)
+    data = _config(tmp_path, base_model=fam["base"], models=[fam["ft1"]], routing={}, sampler="tpe", n_trials=25,
+                   constraints=[{"task": "closeness", "no_worse_than": 0.0}])
+    study = search(SearchConfig.model_validate(data), evaluator=TeacherEvaluator(fam["ft1"]), progress=False)
+    again = [t for t in study.trials if "same_as" in t.user_attrs]
+    assert again  # 3 paths through 2 slots: 25 trials must repeat some
+    for t in again:
+        assert t.user_attrs["recipe"]["slices"] == study.trials[t.user_attrs["same_as"]].user_attrs["recipe"]["slices"]
+
+
 def _write(tmp_path, data):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(data))

@@ -199,10 +199,12 @@ def layer_path_frame(recipe):
 
     from merge_core.routing import path_of_recipe, runs
 
+    def span(first: int, count: int) -> str:
+        return f"{first}–{first + count - 1}" if count > 1 else str(first)
+
     rows, at = [], 0
     for model, start, end, scale in runs(path_of_recipe(recipe)):
-        rows.append({"slots": f"{at}–{at + end - start - 1}" if end - start > 1 else str(at),
-                     "model": Path(model).name, "layers": f"{start}–{end - 1}" if end - start > 1 else str(start),
+        rows.append({"slots": span(at, end - start), "model": Path(model).name, "layers": span(start, end - start),
                      "scale": scale})
         at += end - start
     return pd.DataFrame(rows)
